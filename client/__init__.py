@@ -1,0 +1,1 @@
+"""fedlr.client: local LoRA training (PEFT + Opacus DP-SGD) and the Flower ClientApp."""

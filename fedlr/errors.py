@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message as one line, without a traceback."""
+
+
+class FedlrError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+
+class ConfigError(FedlrError, ValueError):
+    """A setting is invalid; raised before any work starts."""
+
+
+class AdapterFileError(FedlrError):
+    """An adapter file or directory is missing, unreadable or not in a format fedlr knows."""
+
+
+class RoundFailedError(FedlrError):
+    """Too few valid client updates to aggregate; the global state was left unchanged."""

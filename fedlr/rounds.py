@@ -1,0 +1,68 @@
+"""One aggregation round: validate every update, aggregate the valid ones, or fail cleanly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fedlr.adapters import Adapter
+from fedlr.errors import RoundFailedError
+from fedlr.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
+from fedlr.validation import ValidationPolicy, validate_update
+
+
+@dataclass(frozen=True)
+class Rejection:
+    client_id: str
+    reason: str
+
+
+@dataclass
+class RoundResult:
+    state: GlobalState
+    report: AggregationReport
+    accepted: list[str]
+    rejected: list[Rejection]
+
+
+def aggregate_round(
+    strategy: Strategy,
+    state: GlobalState,
+    updates: Sequence[ClientUpdate],
+    *,
+    sent: Mapping[str, Adapter] | None = None,
+    policy: ValidationPolicy | None = None,
+) -> RoundResult:
+    """Aggregate the valid updates of a round; `state` is never modified.
+
+    `sent` maps each client to the downlink it trained from (recomputed from `state` when absent);
+    it is the reference for the update-norm bound and for strategies that freeze A. Raises
+    RoundFailedError, naming every rejection, when fewer than `policy.min_valid_updates` are valid.
+    """
+    policy = policy or ValidationPolicy()
+    accepted: list[ClientUpdate] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    for update in updates:
+        if update.client_id in seen:
+            reason = "duplicate update from the same client in one round"
+        else:
+            start = None
+            if update.client_id in strategy.spec.ranks:
+                start = (sent or {}).get(update.client_id) or strategy.starting_adapter(
+                    state, update.client_id
+                )
+            reason = validate_update(update, strategy, start or Adapter(), policy)
+        if reason:
+            rejected.append(Rejection(update.client_id, reason))
+        else:
+            accepted.append(update)
+            seen.add(update.client_id)
+    if len(accepted) < policy.min_valid_updates:
+        why = "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) or "no updates arrived"
+        raise RoundFailedError(
+            f"round {state.round + 1}: {len(accepted)} valid update(s), at least "
+            f"{policy.min_valid_updates} needed; the global state is unchanged ({why})"
+        )
+    new_state, report = strategy.aggregate(state, accepted)
+    return RoundResult(new_state, report, [u.client_id for u in accepted], rejected)

@@ -1,0 +1,1 @@
+"""fedlr.kernels: fused low-rank ops, each with a plain-torch reference that defines its meaning."""

@@ -1,0 +1,1 @@
+"""fedlr.server: the Flower ServerApp, its strategy adapter onto fedlr aggregation, checkpoints."""

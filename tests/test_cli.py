@@ -1,0 +1,90 @@
+"""The `fedlr` command line as a user runs it: help everywhere, the demo, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedlr.adapters import Adapter, LoraFactors, save_adapter
+
+COMMANDS = [[], ["demo"], ["inspect"]]
+
+
+def fedlr(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedlr.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "fedlr")
+def test_every_command_has_help(command):
+    result = fedlr(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout and "--help" in result.stdout
+
+
+def test_demo_writes_metrics_and_rejects_the_corrupted_upload(tmp_path):
+    out = tmp_path / "demo"
+    result = fedlr(
+        "demo",
+        "--strategies",
+        "fedit,ffa",
+        "--num-clients",
+        "4",
+        "--clients-per-round",
+        "3",
+        "--ranks",
+        "2,4",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["strategy"], r["round"]) for r in rows] == [
+        ("fedit", 1),
+        ("fedit", 2),
+        ("ffa", 1),
+        ("ffa", 2),
+    ]
+    for r in rows:  # round 2 loses exactly the corrupted client, the others are aggregated
+        assert len(r["rejected"]) == (r["round"] == 2)
+        assert len(r["clients"]) == 3 - (r["round"] == 2)
+    assert "non-finite" in rows[1]["rejected"][0]["reason"]
+    assert rows[2]["residual"] < 1e-5 < rows[0]["residual"]  # ffa exact, fedit not
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["demo", "--strategies", "fedprox"], "unknown strategies ['fedprox']"),
+        (["demo", "--num-clients", "2", "--clients-per-round", "3"], "exceeds --num-clients"),
+        (["demo", "--ranks", "4,x"], "--ranks must be comma-separated integers"),
+        (["demo", "--ranks", "0"], "rank must be a positive integer"),
+        (["inspect", "/nonexistent/adapter.safetensors"], "adapter file not found"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, message, tmp_path):
+    result = fedlr(*args, "--out", str(tmp_path / "out")) if args[0] == "demo" else fedlr(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_modules_and_meta(tmp_path):
+    path = tmp_path / "a.safetensors"
+    f = LoraFactors(torch.ones(2, 3), torch.ones(4, 2), 0.5)
+    save_adapter(Adapter(lora={"layer.q": f}, meta={"num_examples": 9}), path)
+    result = fedlr("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "layer.q" in result.stdout and "num_examples" in result.stdout
+    assert f"{float(f.delta().norm()):.4g}" in result.stdout

@@ -1,0 +1,310 @@
+"""Properties of the five strategies on random federations with mixed ranks (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from federation import MIXED_RANKS, client_updates, dense_ideal, random_spec, relative_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedlr.errors import ConfigError
+from fedlr.lowrank import LowRank
+from fedlr.strategies import STRATEGIES, FederationSpec, GlobalState, ModuleShape, make_strategy
+
+seeds = st.integers(0, 2**31 - 1)
+rank_lists = st.lists(st.sampled_from(MIXED_RANKS), min_size=2, max_size=6)
+hetero = st.sampled_from(["hetlora", "flexlora"])
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def run_rounds(name: str, seed: int, ranks: list[int], rounds: int = 2, **options):
+    gen = torch.Generator().manual_seed(seed)
+    spec = random_spec(gen, ranks, rslora=bool(seed % 2))
+    strategy = make_strategy(name, spec, seed=seed, **options)
+    state = strategy.init_state()
+    for _ in range(rounds):
+        updates = client_updates(strategy, state, gen)
+        previous = state
+        state, report = strategy.aggregate(state, updates)
+    return strategy, previous, state, updates, report
+
+
+def global_dense(strategy, state: GlobalState, name: str) -> torch.Tensor:
+    if strategy.name == "flora":  # the round's exact stacked update
+        return state.history[-1][name].dense()
+    return state.lora[name].dense()
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists)
+def test_flora_round_update_is_exact(seed, ranks):
+    strategy, _, state, updates, report = run_rounds("flora", seed, ranks)
+    ideal = dense_ideal(updates)
+    for name, ref in ideal.items():
+        assert relative_error(global_dense(strategy, state, name), ref) <= 1e-10
+    assert report.residual <= 1e-10
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, method=hetero)
+def test_ffa_is_exact_and_keeps_a(seed, ranks, method):
+    _, previous, state, updates, report = run_rounds("ffa", seed, ranks, hetero=method)
+    for name, ref in dense_ideal(updates).items():
+        assert relative_error(state.lora[name].dense(), ref) <= 1e-10
+        assert torch.equal(state.lora[name].A, previous.lora[name].A)
+    assert report.residual <= 1e-10
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, method=hetero)
+def test_fedsvd_orthonormal_and_exact(seed, ranks, method):
+    strategy, previous, state, updates, report = run_rounds("fedsvd", seed, ranks, hetero=method)
+    total = sum(u.num_examples for u in updates)
+    R = strategy.spec.max_rank
+    for name, new in state.lora.items():
+        eye = torch.eye(R, dtype=torch.float64)
+        assert float((new.A @ new.A.T - eye).abs().max()) <= 1e-10
+        b_bar = torch.zeros(new.B.shape[0], R, dtype=torch.float64)
+        for u in updates:
+            f = u.adapter.lora[name]
+            b_bar[:, : f.rank] += (u.num_examples / total) * f.scaling * f.B
+        product = b_bar @ previous.lora[name].A
+        assert relative_error(new.dense(), product) <= 1e-10
+    assert report.residual <= 1e-10
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x * y).sum() / (torch.linalg.matrix_norm(x) * torch.linalg.matrix_norm(y)))
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, method=hetero)
+def test_fair_cosine_never_below_fedit(seed, ranks, method):
+    _, _, fair_state, updates, _ = run_rounds("fair", seed, ranks, rounds=1, hetero=method)
+    _, _, fedit_state, _, _ = run_rounds("fedit", seed, ranks, rounds=1)
+    for name, ref in dense_ideal(updates).items():
+        fair_cos = cosine(fair_state.lora[name].dense(), ref)
+        fedit_cos = cosine(fedit_state.lora[name].dense(), ref)
+        assert fair_cos >= fedit_cos - 1e-12
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, lam=st.floats(1e-6, 1.0))
+def test_fair_frobenius_residual_never_above_fedit(seed, ranks, lam):
+    _, _, fair_state, updates, report = run_rounds(
+        "fair", seed, ranks, rounds=1, objective="frobenius", lam=lam
+    )
+    _, _, fedit_state, _, fedit_report = run_rounds("fedit", seed, ranks, rounds=1)
+    for name, ref in dense_ideal(updates).items():
+        assert (
+            relative_error(fair_state.lora[name].dense(), ref)
+            <= relative_error(fedit_state.lora[name].dense(), ref) + 1e-12
+        )
+    assert report.residual <= fedit_report.residual + 1e-12
+    assert math.isclose(report.details["fedit_residual"], fedit_report.residual, rel_tol=1e-9)
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists)
+def test_fedit_reported_residual_matches_dense(seed, ranks):
+    _, _, state, updates, report = run_rounds("fedit", seed, ranks, rounds=1)
+    ideal = dense_ideal(updates)
+    num = sum(
+        float(torch.linalg.matrix_norm(state.lora[n].dense() - r)) ** 2 for n, r in ideal.items()
+    )
+    den = sum(float(torch.linalg.matrix_norm(r)) ** 2 for r in ideal.values())
+    assert math.isclose(report.residual, math.sqrt(num / den), rel_tol=1e-9)
+    for name, ref in ideal.items():
+        expected = relative_error(state.lora[name].dense(), ref)
+        assert math.isclose(report.residual_per_module[name], expected, rel_tol=1e-9)
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists)
+def test_fedit_equal_ranks_is_fedavg_of_factors(seed, ranks):
+    ranks = [ranks[0]] * len(ranks)
+    _, _, state, updates, _ = run_rounds("fedit", seed, ranks, rounds=1)
+    total = sum(u.num_examples for u in updates)
+    for name, g in state.lora.items():
+        a = sum(u.num_examples / total * u.adapter.lora[name].A for u in updates)
+        b = sum(u.num_examples / total * u.adapter.lora[name].B for u in updates)
+        s = updates[0].adapter.lora[name].scaling
+        assert torch.allclose(g.A, a, atol=1e-12) and torch.allclose(g.B, s * b, atol=1e-12)
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, name=st.sampled_from(["fedit", "fair", "fedsvd"]))
+def test_flexlora_downlink_is_best_rank_r_approximation(seed, ranks, name):
+    strategy, _, state, _, _ = run_rounds(name, seed, ranks, rounds=1, hetero="flexlora")
+    for cid, rank in strategy.spec.ranks.items():
+        down = strategy.downlink(state, cid)
+        for module, f in down.lora.items():
+            full = state.lora[module].dense()
+            s = torch.linalg.svdvals(full)
+            tail = float(torch.sqrt((s[rank:] ** 2).sum()))
+            error = float(torch.linalg.matrix_norm(full - f.delta()))
+            assert error <= tail + 1e-9 * float(s[0])
+            assert f.scaling == strategy.spec.scaling(rank)
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists)
+def test_ffa_flexlora_downlink_is_least_squares_on_fixed_rows(seed, ranks):
+    strategy, _, state, _, _ = run_rounds("ffa", seed, ranks, rounds=1, hetero="flexlora")
+    for cid, rank in strategy.spec.ranks.items():
+        down = strategy.downlink(state, cid)
+        for module, f in down.lora.items():
+            g = state.lora[module]
+            assert torch.equal(f.A, g.A[:rank])
+            residual = g.dense() - f.delta()
+            assert float((residual @ f.A.T).abs().max()) <= 1e-10 * float(g.dense().abs().max() + 1)
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, name=st.sampled_from(["fedit", "ffa", "fair", "fedsvd"]))
+def test_hetlora_downlink_truncates_in_client_scaling(seed, ranks, name):
+    strategy, _, state, _, _ = run_rounds(name, seed, ranks, rounds=1)
+    for cid, rank in strategy.spec.ranks.items():
+        down = strategy.downlink(state, cid)
+        for module, f in down.lora.items():
+            expected = state.lora[module].truncated(rank).dense()
+            assert f.rank == rank
+            assert torch.allclose(f.delta(), expected, atol=1e-12)
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, skipped=st.integers(0, 3))
+def test_flora_catch_up_downlink_is_exact_cumulative_update(seed, ranks, skipped):
+    gen = torch.Generator().manual_seed(seed)
+    spec = random_spec(gen, ranks)
+    strategy = make_strategy("flora", spec)
+    state, round_updates = strategy.init_state(), []
+    for _ in range(skipped + 1):
+        updates = client_updates(strategy, state, gen)
+        round_updates.append(dense_ideal(updates))
+        state, _ = strategy.aggregate(state, updates)
+    since = state.round - skipped - 1
+    down = strategy.downlink(state, "c0", since_round=since)
+    deltas = down.delta_weights()
+    for name, shape in spec.modules.items():
+        expected = sum(r[name] for r in round_updates)
+        assert relative_error(deltas[name], expected) <= 1e-10
+        stacked_rank = sum(ranks) * (skipped + 1)
+        dense_is_cheaper = stacked_rank * (shape.d_out + shape.d_in) >= shape.d_out * shape.d_in
+        assert isinstance(down.base[name], torch.Tensor) == dense_is_cheaper
+    assert not down.lora  # every FLoRA round starts from a fresh LoRA
+
+
+def test_extras_are_fedavg_or_frozen():
+    gen = torch.Generator().manual_seed(0)
+    spec = random_spec(gen, [4, 8], extras=True)
+    for name in STRATEGIES:
+        for head in ("train", "freeze"):
+            strategy = make_strategy(name, spec, head=head)
+            initial = {"classifier.weight": torch.zeros(3, 8, dtype=torch.float64)}
+            state = strategy.init_state(initial)
+            updates = client_updates(strategy, state, gen)
+            new, _ = strategy.aggregate(state, updates)
+            total = sum(u.num_examples for u in updates)
+            avg = sum(
+                u.num_examples / total * u.adapter.extras["classifier.weight"] for u in updates
+            )
+            expected = avg if head == "train" else initial["classifier.weight"]
+            assert torch.allclose(new.extras["classifier.weight"], expected, atol=1e-12)
+    assert make_strategy("fedsvd", spec).head == "freeze"  # as in the FedSVD paper
+    assert make_strategy("fedit", spec).head == "train"
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_aggregate_does_not_touch_its_input_state(name):
+    gen = torch.Generator().manual_seed(1)
+    strategy = make_strategy(name, random_spec(gen, [2, 8]))
+    state = strategy.init_state()
+    state, _ = strategy.aggregate(state, client_updates(strategy, state, gen))
+    before, info = state.to_tensors()
+    before = {k: v.clone() for k, v in before.items()}
+    strategy.aggregate(state, client_updates(strategy, state, gen))
+    after, info_after = state.to_tensors()
+    assert info == info_after and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_state_round_trips_through_tensors(name):
+    gen = torch.Generator().manual_seed(2)
+    strategy = make_strategy(name, random_spec(gen, [4, 2, 8], extras=True))
+    state = strategy.init_state({"classifier.weight": torch.ones(3, 8, dtype=torch.float64)})
+    for _ in range(2):
+        state, _ = strategy.aggregate(state, client_updates(strategy, state, gen))
+    flat, info = state.to_tensors()
+    restored = GlobalState.from_tensors(flat, info)
+    assert restored.round == state.round == 2
+    d1 = strategy.downlink(state, "c1")
+    d2 = strategy.downlink(restored, "c1")
+    for module, delta in d1.delta_weights().items():
+        assert torch.equal(delta, d2.delta_weights()[module])
+
+
+def test_fedsvd_rank_deficient_product_is_deterministic_and_orthonormal():
+    spec = FederationSpec({"m": ModuleShape(12, 10)}, {"a": 4, "b": 4}, dtype=torch.float64)
+    strategy = make_strategy("fedsvd", spec)
+    state = strategy.init_state()
+    zero = [u for u in client_updates(strategy, state, torch.Generator().manual_seed(0), scale=0.0)]
+    first, _ = strategy.aggregate(state, zero)
+    second, _ = strategy.aggregate(state, zero)
+    a = first.lora["m"].A
+    assert torch.equal(a, second.lora["m"].A)
+    assert torch.allclose(a @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    assert float(first.lora["m"].B.abs().max()) == 0.0
+
+
+def test_config_errors_name_the_problem():
+    shape = {"m": ModuleShape(8, 8)}
+    with pytest.raises(ConfigError, match="unknown strategy 'fedprox'"):
+        make_strategy("fedprox", FederationSpec(shape, {"a": 2}))
+    with pytest.raises(ConfigError, match="rank must be a positive integer"):
+        FederationSpec(shape, {"a": 0})
+    with pytest.raises(ConfigError, match="exceeds the smallest module dimension"):
+        FederationSpec(shape, {"a": 16})
+    spec = FederationSpec(shape, {"a": 2})
+    with pytest.raises(ConfigError, match="heterogeneous-rank method"):
+        make_strategy("fedit", spec, hetero="zeros")
+    with pytest.raises(ConfigError, match="fair objective"):
+        make_strategy("fair", spec, objective="l1")
+    with pytest.raises(ConfigError, match="unexpected keyword"):
+        make_strategy("fedit", spec, objective="cosine")
+
+
+def test_lowrank_helpers_match_dense():
+    gen = torch.Generator().manual_seed(3)
+    from fedlr.lowrank import difference_norm, frobenius_norm, inner, svd
+
+    for d_out, d_in, r in [(30, 20, 4), (10, 12, 25), (64, 48, 1)]:
+        x = LowRank(
+            torch.randn(d_out, r, generator=gen, dtype=torch.float64),
+            torch.randn(r, d_in, generator=gen, dtype=torch.float64),
+        )
+        y = LowRank(
+            torch.randn(d_out, 3, generator=gen, dtype=torch.float64),
+            torch.randn(3, d_in, generator=gen, dtype=torch.float64),
+        )
+        assert math.isclose(
+            frobenius_norm(x), float(torch.linalg.matrix_norm(x.dense())), rel_tol=1e-12
+        )
+        assert math.isclose(
+            difference_norm(x, y),
+            float(torch.linalg.matrix_norm(x.dense() - y.dense())),
+            rel_tol=1e-12,
+        )
+        assert math.isclose(float(inner(x, y)), float((x.dense() * y.dense()).sum()), rel_tol=1e-10)
+        f = svd(x)
+        k = min(d_out, d_in, r)
+        assert torch.allclose(f.S[:k], torch.linalg.svdvals(x.dense())[:k], rtol=1e-10)
+        assert torch.allclose((f.U * f.S) @ f.Vh, x.dense(), atol=1e-10)
+    # A difference that is zero is measured at rounding level, not at the sqrt(eps) ~ 1e-8 floor
+    # that ||x||^2 - 2<x, y> + ||y||^2 would leave.
+    same = difference_norm(x, LowRank(x.B.clone(), x.A.clone()))
+    assert same / frobenius_norm(x) < 1e-14
