@@ -308,3 +308,18 @@ def test_lowrank_helpers_match_dense():
     # that ||x||^2 - 2<x, y> + ||y||^2 would leave.
     same = difference_norm(x, LowRank(x.B.clone(), x.A.clone()))
     assert same / frobenius_norm(x) < 1e-14
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, target=st.sampled_from(MIXED_RANKS))
+def test_flora_compression_is_the_best_rank_r_export_with_its_energy(seed, ranks, target):
+    strategy, _, state, _, _ = run_rounds("flora", seed, ranks, rounds=2)
+    compressed, energy = strategy.compressed(state, target)
+    for name, exact in strategy.downlink(state, "c0").delta_weights().items():
+        s = torch.linalg.svdvals(exact)
+        kept = float((s[:target] ** 2).sum() / (s**2).sum())
+        assert math.isclose(energy[name], kept, rel_tol=1e-9)
+        error = float(torch.linalg.matrix_norm(exact - compressed[name].dense()))
+        assert math.isclose(
+            error, float(torch.sqrt((s[target:] ** 2).sum())), rel_tol=1e-6, abs_tol=1e-9
+        )

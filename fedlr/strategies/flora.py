@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedlr.adapters import Adapter, BaseDelta
-from fedlr.lowrank import LowRank, concat
+from fedlr.lowrank import LowRank, concat, svd
 from fedlr.strategies.base import (
     AggregationReport,
     ClientUpdate,
@@ -45,6 +45,17 @@ class FLoRA(Strategy):
         if not rounds:
             return {}
         return {name: concat(r[name] for r in rounds) for name in rounds[0]}
+
+    def compressed(
+        self, state: GlobalState, rank: int
+    ) -> tuple[dict[str, LowRank], dict[str, float]]:
+        """The cumulative update truncated to `rank` by a low-rank SVD (lossy), and the fraction
+        of each module's ||dW||^2 it keeps: what exporting at a fixed rank would cost."""
+        out, energy = {}, {}
+        for name, x in self.cumulative(state).items():
+            factored = svd(x)
+            out[name], energy[name] = factored.top(rank), factored.energy(rank)
+        return out, energy
 
     def downlink(self, state: GlobalState, client_id: str, since_round: int = 0) -> Adapter:
         """The update to merge into the client's base since it last synced (round `since_round`)."""
