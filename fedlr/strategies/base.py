@@ -150,7 +150,12 @@ def stack(
     effective: Sequence[Mapping[str, LowRank]], weights: Sequence[float], name: str
 ) -> LowRank:
     """[p_1 B_1 ... p_K B_K] over [A_1; ...; A_K]: sum_k p_k dW_k exactly, for any ranks."""
-    return concat(e[name].scaled(p) for e, p in zip(effective, weights, strict=True))
+    terms = [e[name] for e in effective]
+    stacked = concat(terms)
+    ranks = torch.tensor([t.rank for t in terms])
+    column_weights = torch.repeat_interleave(torch.tensor(weights, dtype=stacked.B.dtype), ranks)
+    stacked.B.mul_(column_weights)  # in place on the fresh concatenation: one pass, no copies
+    return stacked
 
 
 class IdealUpdate:
@@ -198,15 +203,20 @@ class IdealUpdate:
         return difference_norm(x, self.stacked)
 
 
-def weighted_padded_sum(factors: Sequence[LowRank], weights: Sequence[float], rank: int) -> LowRank:
-    """sum_k p_k pad(B_k), sum_k p_k pad(A_k) at `rank`: HetLoRA padding (FedAvg if equal)."""
-    first = factors[0]
-    B = first.B.new_zeros(first.B.shape[0], rank)
-    A = first.A.new_zeros(rank, first.A.shape[1])
+def weighted_padded_b(factors: Sequence[LowRank], weights: Sequence[float], rank: int) -> Tensor:
+    """sum_k p_k pad(B_k) at `rank`, all that the strategies with a frozen A average."""
+    B = factors[0].B.new_zeros(factors[0].B.shape[0], rank)
     for x, p in zip(factors, weights, strict=True):
         B[:, : x.rank].add_(x.B, alpha=p)
+    return B
+
+
+def weighted_padded_sum(factors: Sequence[LowRank], weights: Sequence[float], rank: int) -> LowRank:
+    """sum_k p_k pad(B_k), sum_k p_k pad(A_k) at `rank`: HetLoRA padding (FedAvg if equal)."""
+    A = factors[0].A.new_zeros(rank, factors[0].A.shape[1])
+    for x, p in zip(factors, weights, strict=True):
         A[: x.rank].add_(x.A, alpha=p)
-    return LowRank(B, A)
+    return LowRank(weighted_padded_b(factors, weights, rank), A)
 
 
 def residual_summary(

@@ -22,7 +22,7 @@ from fedlr.strategies.base import (
     IdealUpdate,
     Strategy,
     client_weights,
-    weighted_padded_sum,
+    weighted_padded_b,
 )
 
 
@@ -38,7 +38,7 @@ class FedSVD(Strategy):
         effective = [u.effective() for u in updates]
         new_lora, terms, orth_err = {}, {}, 0.0
         for name, current in state.lora.items():
-            b_bar = weighted_padded_sum([e[name] for e in effective], weights, current.rank).B
+            b_bar = weighted_padded_b([e[name] for e in effective], weights, current.rank)
             averaged = LowRank(b_bar, current.A)
             new_lora[name] = svd(averaged).top(current.rank)
             ideal = IdealUpdate.over_shared_a(effective, weights, name, averaged)

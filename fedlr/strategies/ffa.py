@@ -21,7 +21,7 @@ from fedlr.strategies.base import (
     IdealUpdate,
     Strategy,
     client_weights,
-    weighted_padded_sum,
+    weighted_padded_b,
 )
 
 
@@ -49,7 +49,7 @@ class FFALoRA(Strategy):
         effective = [u.effective() for u in updates]
         new_lora, terms = {}, {}
         for name, current in state.lora.items():
-            b_bar = weighted_padded_sum([e[name] for e in effective], weights, current.rank).B
+            b_bar = weighted_padded_b([e[name] for e in effective], weights, current.rank)
             new_lora[name] = LowRank(b_bar, current.A)
             ideal = IdealUpdate.over_shared_a(effective, weights, name, new_lora[name])
             terms[name] = (ideal.distance(new_lora[name]), ideal.norm)
