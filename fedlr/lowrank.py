@@ -40,25 +40,9 @@ class LowRank:
     def dense(self) -> Tensor:
         return self.B @ self.A
 
-    def scaled(self, weight: float) -> LowRank:
-        return LowRank(self.B * weight, self.A)
-
     def truncated(self, rank: int) -> LowRank:
         """Leading `rank` components (meaningful when the factors are SVD-ordered)."""
         return LowRank(self.B[:, :rank], self.A[:rank])
-
-    def padded(self, rank: int) -> LowRank:
-        """Zero components appended up to `rank`: the same product, a larger shape (HetLoRA)."""
-        extra = rank - self.rank
-        if extra < 0:
-            raise ValueError(f"cannot pad rank {self.rank} down to {rank}")
-        return LowRank(
-            torch.nn.functional.pad(self.B, (0, extra)),
-            torch.nn.functional.pad(self.A, (0, 0, 0, extra)),
-        )
-
-    def nbytes(self) -> int:
-        return self.B.numel() * self.B.element_size() + self.A.numel() * self.A.element_size()
 
 
 def concat(terms: Iterable[LowRank]) -> LowRank:
@@ -93,11 +77,6 @@ def frobenius_norm(x: LowRank) -> float:
 def difference_norm(x: LowRank, y: LowRank) -> float:
     """||x - y||_F, exact to rounding even when x and y agree to 1e-15."""
     return frobenius_norm(LowRank(torch.cat([x.B, -y.B], 1), torch.cat([x.A, y.A], 0)))
-
-
-def inner(x: LowRank, y: LowRank) -> Tensor:
-    """<x, y>_F = trace((B_x^T B_y)(A_y A_x^T)) in O((d_out + d_in) r_x r_y)."""
-    return ((x.B.T @ y.B) * (x.A @ y.A.T)).sum()
 
 
 @dataclass(frozen=True)
