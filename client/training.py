@@ -1,0 +1,326 @@
+"""Local training of one client in one round: PEFT LoRA, optionally under Opacus DP-SGD.
+
+The trainer starts from the adapter the server sent (and merges its base update, for FLoRA),
+trains what the strategy allows (A and B, or B alone; the head or not) for a fixed number of
+steps, and returns the trained adapter with its example count and metrics. Under DP it samples
+batches by Poisson sampling, clips every example's gradient to C across all trainable tensors,
+adds N(0, sigma^2 C^2) once per step, and records the steps in the client's persistent ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedlr.adapters import Adapter, from_peft_model, load_into_peft_model
+from fedlr.batches import Encoded, per_example_loss
+from fedlr.config import DPConfig, TrainConfig
+from fedlr.errors import FedlrError
+from fedlr.models import LoraHost
+from fedlr.privacy import PrivacyLedger, noise_for_target
+
+# Opacus registers full backward hooks on modules whose inputs need no grad (the frozen base).
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+class TrainingError(FedlrError):
+    """Local training produced something that must not be sent (an adapter that never moved)."""
+
+
+@dataclass
+class TrainResult:
+    adapter: Adapter
+    num_examples: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedlrError("device cuda requested but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one round of DP-SGD will run with, fixed before the first step."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    mode: str
+
+    @property
+    def segment(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def choose_grad_sample_mode(config: TrainConfig, trainable: int) -> str:
+    """hooks (per-sample gradients instantiated) unless they would not fit the memory budget.
+
+    For LoRA, instantiation costs batch x (trainable parameters), small at low rank, while ghost
+    clipping needs a second backward pass and batch x T x T Gram matrices per layer; ghost only
+    wins when the trainable set is large (a big head, high rank, long batches)."""
+    assert config.dp is not None
+    if config.dp.grad_sample_mode != "auto":
+        return config.dp.grad_sample_mode
+    per_sample_bytes = 4 * trainable * config.batch_size
+    return "hooks" if per_sample_bytes <= config.per_sample_memory_budget else "ghost"
+
+
+class LocalTrainer:
+    """Trains clients one after another on a shared `LoraHost` (one frozen base per process)."""
+
+    def __init__(self, host: LoraHost, config: TrainConfig) -> None:
+        self.host, self.config = host, config
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _prepare(self, start: Adapter, rank: int, train_a: bool, train_head: bool) -> Any:
+        model = self.host.model(rank)
+        self.host.set_base_delta(start.base)
+        name = self.host.adapter_name(rank)
+        load_into_peft_model(model, Adapter(lora=start.lora, extras=start.extras), name)
+        for param_name, param in model.named_parameters():
+            if f".{name}." not in param_name and not param_name.endswith(f".{name}"):
+                continue  # another rank's adapter: PEFT keeps it frozen
+            if ".lora_A." in param_name:
+                param.requires_grad_(train_a)
+            elif ".lora_B." in param_name:
+                param.requires_grad_(True)
+            else:  # modules_to_save copy of the head
+                param.requires_grad_(train_head)
+        return model
+
+    def plan_dp(self, dp: DPConfig, n: int, ledger: PrivacyLedger, trainable: int) -> DPPlan:
+        q = min(1.0, self.config.batch_size / n)
+        steps = self.config.local_steps
+        if dp.noise_multiplier is not None:
+            ledger.noise_multiplier = dp.noise_multiplier
+        elif ledger.noise_multiplier is None:  # solved once, for the whole planned run
+            assert dp.target_epsilon is not None
+            total = steps * self.config.planned_rounds
+            ledger.noise_multiplier = noise_for_target(
+                dp.target_epsilon, dp.delta, q, total, dp.accountant
+            )
+        return DPPlan(
+            ledger.noise_multiplier, dp.max_grad_norm, q, steps,
+            choose_grad_sample_mode(self.config, trainable),
+        )
+
+    def _batches(self, n: int, plan: DPPlan | None, gen: torch.Generator) -> Iterator[list[int]]:
+        """Poisson-sampled index sets under DP (what the accountant assumes), shuffled fixed-size
+        batches otherwise (or when DP is configured without Poisson sampling)."""
+        steps = self.config.local_steps
+        if plan is not None and self.config.dp is not None and self.config.dp.poisson:
+            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+            yield from UniformWithReplacementSampler(
+                num_samples=n, sample_rate=plan.sample_rate, generator=gen, steps=steps
+            )
+            return
+        size = min(self.config.batch_size, n)
+        order: list[int] = []
+        for _ in range(steps):
+            if len(order) < size:
+                order += torch.randperm(n, generator=gen).tolist()
+            yield order[:size]
+            order = order[size:]
+
+    def _optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(
+        self,
+        client_id: str,
+        start: Adapter,
+        data: Encoded,
+        *,
+        rank: int,
+        train_a: bool = True,
+        train_head: bool = True,
+        ledger: PrivacyLedger | None = None,
+        seed: int = 0,
+    ) -> TrainResult:
+        """One round of local training; the ledger (DP only) is updated in place on success."""
+        n = len(data)
+        if n == 0:
+            raise FedlrError(f"client {client_id} has no training examples; repartition the data")
+        dp = self.config.dp
+        if dp is not None and ledger is None:
+            raise FedlrError(f"client {client_id}: DP training needs the client's privacy ledger")
+        started = time.perf_counter()
+        model = self._prepare(start, rank, train_a, train_head)
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        trainable = sum(p.numel() for p in params)
+
+        plan = None
+        if dp is not None:
+            assert ledger is not None
+            plan = self.plan_dp(dp, n, ledger, trainable)
+            ledger.check_budget(plan.segment, dp.delta, dp.budget, client_id)
+
+        gen = torch.Generator().manual_seed(seed)
+        device = self.host.device
+        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        optimizer = self._optimizer(params)
+        model.train()
+        losses: list[float] = []
+        with self._dp_engine(model, optimizer, plan, noise_gen, n) as engine:
+            for indices in self._batches(n, plan, gen):
+                engine.zero_grad()
+                if not indices:
+                    engine.step_empty(params)
+                    continue
+                batch = data.batch(indices).to(device)
+                with self._autocast(plan):
+                    loss = per_example_loss(model, batch, self.host.task)
+                losses.extend(loss.detach().float().tolist())
+                engine.backward(loss)
+                engine.step()
+        model.eval()
+
+        changed = any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
+        if not changed:
+            raise TrainingError(
+                f"client {client_id}: no trainable weight changed after {self.config.local_steps} "
+                "steps; the optimizer is not updating the adapter (see opacus#820: move the model "
+                "to its device before attaching LoRA and DP)"
+            )
+        adapter = from_peft_model(model, self.host.adapter_name(rank))
+        adapter.meta = {"client_id": client_id, "num_examples": n, "rank": rank}
+        metrics: dict[str, Any] = {
+            "train_loss": sum(losses) / len(losses) if losses else math.nan,
+            "steps": self.config.local_steps,
+            "examples_seen": len(losses),
+            "seconds": time.perf_counter() - started,
+            "device": str(device),
+        }
+        if plan is not None and ledger is not None and dp is not None:
+            ledger.record(plan.segment)
+            metrics.update(
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                sample_rate=plan.sample_rate,
+                grad_sample_mode=plan.mode,
+                poisson=dp.poisson,
+                epsilon=ledger.epsilon(dp.delta),
+                delta=dp.delta,
+            )
+        return TrainResult(adapter, n, metrics)
+
+    def _autocast(self, plan: DPPlan | None) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on CUDA for non-private training only: per-sample gradients and their
+        norms stay in fp32 so that clipping is exact."""
+        device = self.host.device
+        if (
+            plan is None
+            and self.config.mixed_precision
+            and device.type == "cuda"
+            and torch.cuda.is_bf16_supported()
+        ):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _dp_engine(
+        self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan | None,
+        noise_gen: torch.Generator, n: int,
+    ) -> Iterator[StepEngine]:
+        engine = (
+            StepEngine(optimizer) if plan is None
+            else OpacusEngine(model, optimizer, plan, noise_gen, plan.sample_rate * n)
+        )
+        try:
+            yield engine
+        finally:
+            engine.close()
+
+
+class StepEngine:
+    """Non-private training: mean loss, ordinary backward and step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, per_example: Tensor) -> None:
+        per_example.mean().backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def step_empty(self, params: list[Tensor]) -> None:
+        """Without DP there is nothing to do for an empty batch (it never occurs)."""
+
+    def close(self) -> None:
+        """Nothing attached."""
+
+
+class OpacusEngine(StepEngine):
+    """DP-SGD through Opacus: per-sample gradients by hooks (or ghost clipping), clipped to C
+    over all trainable tensors together, Gaussian noise added once per step, averaged over the
+    expected batch size as Poisson sampling requires."""
+
+    def __init__(
+        self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan,
+        noise_gen: torch.Generator, expected_batch: float,
+    ) -> None:
+        from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
+        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+        self.plan = plan
+        common = {
+            "noise_multiplier": plan.noise_multiplier,
+            "max_grad_norm": plan.max_grad_norm,
+            "expected_batch_size": expected_batch,
+            "loss_reduction": "mean",
+            "generator": noise_gen,
+        }
+        if plan.mode == "ghost":
+            self.hooks: Any = GradSampleHooksFastGradientClipping(
+                model, loss_reduction="mean", max_grad_norm=plan.max_grad_norm,
+                use_ghost_clipping=True,
+            )
+            optimizer = DPOptimizerFastGradientClipping(optimizer, **common)
+        else:
+            self.hooks = GradSampleHooks(model, loss_reduction="mean")
+            optimizer = DPOptimizer(optimizer, **common)
+        super().__init__(optimizer)
+
+    def backward(self, per_example: Tensor) -> None:
+        if self.plan.mode == "ghost":
+            from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+            DPTensorFastGradientClipping(self.hooks, self.optimizer, per_example, "mean").backward()
+        else:
+            per_example.mean().backward()
+
+    def step_empty(self, params: list[Tensor]) -> None:
+        """A Poisson batch can be empty: the step still happens (noise only), as accounted."""
+        for p in params:
+            if self.plan.mode == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+
+    def close(self) -> None:
+        self.hooks.cleanup()

@@ -1,0 +1,42 @@
+"""Loss and accuracy (classification) or perplexity (causal LM) of a model on encoded examples."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedlr.batches import Encoded, sequence_token_losses, token_counts
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: Encoded, task: str, batch_size: int = 64
+) -> dict[str, float]:
+    """Mean loss over examples, and accuracy; for causal LM the token-weighted loss and its
+    perplexity."""
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, correct, tokens = 0.0, 0, 0
+    try:
+        for start in range(0, len(data), batch_size):
+            batch = data.batch(range(start, min(start + batch_size, len(data)))).to(device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            if task == "classification":
+                loss_sum += float(
+                    torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum")
+                )
+                correct += int((logits.argmax(-1) == batch.labels).sum())
+            else:
+                loss_sum += float(sequence_token_losses(logits, batch).sum())
+                tokens += int(token_counts(batch).sum())
+    finally:
+        model.train(was_training)
+    if task == "classification":
+        n = len(data)
+        return {"loss": loss_sum / n, "accuracy": correct / n, "examples": n}
+    mean = loss_sum / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "examples": len(data)}

@@ -1,0 +1,160 @@
+"""Per-client privacy accounting for sample-level DP-SGD, and its cross-check.
+
+Each client keeps a ledger of the DP-SGD steps it actually ran, as (noise multiplier, sample
+rate, steps) segments, which is exactly Opacus's accountant history. The ledger persists between
+rounds (it is what a client would otherwise lose by rebuilding its PrivacyEngine), its epsilon is
+Opacus's (PRV or RDP), and dp-accounting's PLD and RDP accountants give an independent value for
+the same history. No amplification from client sampling is claimed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlr.errors import ConfigError, FedlrError
+
+Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+
+
+class BudgetExhaustedError(FedlrError):
+    """A client's next round would take its epsilon past its maximum; it refuses to train."""
+
+
+def opacus_epsilon(history: Sequence[Segment], delta: float, accountant: str = "prv") -> float:
+    """Epsilon of a DP-SGD history by Opacus's accountant (`prv` or `rdp`)."""
+    from opacus.accountants import create_accountant
+
+    if not history:
+        return 0.0
+    if any(s == 0 for s, _, _ in history):
+        return math.inf  # a noiseless step releases its gradients as they are
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta))
+
+
+def dp_accounting_epsilon(history: Sequence[Segment], delta: float, method: str = "pld") -> float:
+    """The same history by dp-accounting (Google's library): PLD or RDP."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    if not history:
+        return 0.0
+    if any(s == 0 for s, _, _ in history):
+        return math.inf
+    event = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n
+            )
+            for s, q, n in history
+        ]
+    )
+    if method == "pld":
+        acc: Any = pld.PLDAccountant()
+    elif method == "rdp":
+        acc = rdp.RdpAccountant()
+    else:
+        raise ConfigError(f"unknown dp-accounting method {method!r}; use pld or rdp")
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """The smallest noise multiplier (to Opacus's tolerance) whose `steps` reach at most the
+    target epsilon.
+
+    RDP is solved first: it is cheap and never below PRV, so an RDP failure means the target is
+    out of reach, and PRV is never asked to search noise levels that would exhaust memory."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    def solve(name: str) -> float:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=name,
+                epsilon_tolerance=0.005,
+            )
+        )
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            sigma = solve("rdp")
+        return sigma if accountant == "rdp" else solve(accountant)
+    except ValueError as exc:
+        raise ConfigError(
+            f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} over {steps} "
+            f"steps with sample rate {sample_rate:.4g} ({exc}); raise the target or train less"
+        ) from None
+
+
+@dataclass
+class PrivacyLedger:
+    """One client's DP-SGD history; persists across rounds so its epsilon accumulates."""
+
+    accountant: str = "prv"
+    history: list[Segment] = field(default_factory=list)
+    rounds: int = 0
+    noise_multiplier: float | None = None  # fixed once solved from a target epsilon
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self, delta: float) -> float:
+        return opacus_epsilon(self.history, delta, self.accountant)
+
+    def epsilon_after(self, segment: Segment, delta: float) -> float:
+        return opacus_epsilon([*self.history, segment], delta, self.accountant)
+
+    def check_budget(self, segment: Segment, delta: float, budget: float | None, who: str) -> None:
+        """Refuse a round whose steps would take epsilon past `budget`."""
+        if budget is None:
+            return
+        after = self.epsilon_after(segment, delta)
+        if after > budget * (1 + 1e-9):
+            raise BudgetExhaustedError(
+                f"client {who}: another round of {segment[2]} steps would take its epsilon from "
+                f"{self.epsilon(delta):.3f} to {after:.3f}, past its budget {budget:g} "
+                f"(delta {delta:g}); it stops training"
+            )
+
+    def record(self, segment: Segment) -> None:
+        sigma, q, n = segment
+        if n <= 0:
+            return
+        if self.history and self.history[-1][:2] == (sigma, q):
+            self.history[-1] = (sigma, q, self.history[-1][2] + n)
+        else:
+            self.history.append((sigma, q, n))
+        self.rounds += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant,
+            "history": [list(s) for s in self.history],
+            "rounds": self.rounds,
+            "noise_multiplier": self.noise_multiplier,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
+        history = [(float(s), float(q), int(n)) for s, q, n in data.get("history", [])]
+        if any(not (math.isfinite(s) and s >= 0 and 0 < q <= 1 and n > 0) for s, q, n in history):
+            raise ConfigError("privacy ledger has an invalid segment; it cannot be trusted")
+        return cls(
+            accountant=data.get("accountant", "prv"),
+            history=history,
+            rounds=int(data.get("rounds", 0)),
+            noise_multiplier=data.get("noise_multiplier"),
+        )

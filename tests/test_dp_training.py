@@ -1,0 +1,207 @@
+"""DP-SGD in the client: per-sample gradients, clipping, noise, and the non-private limit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from training_setup import current_adapter, randomize_adapter, tiny_host
+
+from fedlr.batches import per_example_loss
+from fedlr.client.training import DPPlan, LocalTrainer, OpacusEngine, TrainingError
+from fedlr.config import DPConfig, TrainConfig
+from fedlr.privacy import PrivacyLedger
+
+TASKS = ["classification", "causal-lm"]
+MODES = ["hooks", "ghost"]
+RANK = 4
+
+
+def single_gradients(model, host, data, indices, params):
+    out = []
+    for i in indices:
+        model.zero_grad(set_to_none=True)
+        per_example_loss(model, data.batch([i]), host.task).sum().backward()
+        out.append([p.grad.detach().clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def engine(model, params, mode, sigma, clip, batch, lr=1.0, seed=0):
+    plan = DPPlan(sigma, clip, sample_rate=0.5, steps=1, mode=mode)
+    optimizer = torch.optim.SGD(params, lr=lr)
+    return OpacusEngine(model, optimizer, plan, torch.Generator().manual_seed(seed), batch)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("mode", MODES)
+def test_per_sample_gradients_match_single_example_passes(task, mode):
+    host, data = tiny_host(task)
+    model = randomize_adapter(host, RANK)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    indices = list(range(6))  # different lengths: padding must not leak into any gradient
+    reference = single_gradients(model, host, data, indices, params)
+    ref_norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in gs)) for gs in reference])
+
+    eng = engine(model, params, mode, sigma=0.0, clip=1e9, batch=len(indices))
+    try:
+        eng.zero_grad()
+        eng.backward(per_example_loss(model, data.batch(indices), task))
+        if mode == "hooks":
+            for j, p in enumerate(params):
+                expected = torch.stack([gs[j] for gs in reference])
+                torch.testing.assert_close(p.grad_sample, expected, rtol=1e-5, atol=1e-6)
+        else:  # ghost clipping never instantiates them: compare the per-sample norms it uses
+            torch.testing.assert_close(
+                eng.hooks.per_sample_gradient_norms, ref_norms, rtol=1e-5, atol=1e-6
+            )
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clipped_step_equals_reference_and_respects_bound(mode):
+    host, data = tiny_host()
+    model = randomize_adapter(host, RANK)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    indices = list(range(8))
+    reference = single_gradients(model, host, data, indices, params)
+    norms = [math.sqrt(sum(float((g**2).sum()) for g in gs)) for gs in reference]
+    clip = 0.5 * min(norms)  # every example is clipped
+    expected = [
+        -sum(gs[j] * min(1.0, clip / (norm + 1e-6)) for gs, norm in zip(reference, norms,
+                                                                       strict=True)) / len(indices)
+        for j in range(len(params))
+    ]
+    before = [p.detach().clone() for p in params]
+    eng = engine(model, params, mode, sigma=0.0, clip=clip, batch=len(indices))
+    try:
+        eng.zero_grad()
+        eng.backward(per_example_loss(model, data.batch(indices), host.task))
+        eng.step()
+    finally:
+        eng.close()
+    deltas = [p.detach() - b for p, b in zip(params, before, strict=True)]
+    for d, e in zip(deltas, expected, strict=True):
+        torch.testing.assert_close(d, e, rtol=1e-4, atol=1e-7)
+    # the averaged clipped gradient is a mean of vectors of norm <= C
+    total = math.sqrt(sum(float((d**2).sum()) for d in deltas))
+    assert total <= clip * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_single_example_is_clipped_to_exactly_c(mode):
+    host, data = tiny_host()
+    model = randomize_adapter(host, RANK)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    (reference,) = single_gradients(model, host, data, [3], params)
+    norm = math.sqrt(sum(float((g**2).sum()) for g in reference))
+    clip = norm / 3
+    before = [p.detach().clone() for p in params]
+    eng = engine(model, params, mode, sigma=0.0, clip=clip, batch=1)
+    try:
+        eng.zero_grad()
+        eng.backward(per_example_loss(model, data.batch([3]), host.task))
+        eng.step()
+    finally:
+        eng.close()
+    step = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(params, before,
+                                                                            strict=True)))
+    assert step == pytest.approx(clip, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_has_the_calibrated_standard_deviation_and_is_fresh_each_step(mode):
+    host, data = tiny_host()
+    model = randomize_adapter(host, RANK)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sigma, clip, batch = 2.0, 0.5, 4
+    eng = engine(model, params, mode, sigma=sigma, clip=clip, batch=batch, seed=7)
+    steps = []
+    try:
+        for _ in range(2):
+            before = torch.cat([p.detach().flatten().clone() for p in params])
+            eng.zero_grad()
+            # zero loss: every per-sample gradient is 0, so the update is the noise alone
+            eng.backward(per_example_loss(model, data.batch(range(batch)), host.task) * 0.0)
+            eng.step()
+            steps.append(before - torch.cat([p.detach().flatten() for p in params]))
+    finally:
+        eng.close()
+    expected_std = sigma * clip / batch
+    for noise in steps:
+        n = noise.numel()
+        assert abs(float(noise.mean())) < 5 * expected_std / math.sqrt(n)
+        # std of a sample std is ~ sigma / sqrt(2n); 5 of those is a 1-in-3.5-million false alarm
+        assert float(noise.std()) == pytest.approx(expected_std, rel=5 / math.sqrt(2 * n))
+    correlation = float(torch.corrcoef(torch.stack(steps))[0, 1])
+    assert abs(correlation) < 5 / math.sqrt(steps[0].numel())
+
+
+def test_no_noise_and_no_clipping_reproduce_non_private_training():
+    host, data = tiny_host(dtype=torch.float64)
+    start = current_adapter(host, RANK)
+    for f in start.lora.values():  # a non-zero B so that A gets gradients too
+        f.B.normal_(generator=torch.Generator().manual_seed(1))
+
+    def run(dp):
+        config = TrainConfig(local_steps=4, batch_size=4, lr=0.05, optimizer="sgd", dp=dp)
+        ledger = PrivacyLedger() if dp else None
+        return LocalTrainer(host, config).train("c", start, data, rank=RANK, ledger=ledger, seed=3)
+
+    private = run(DPConfig(noise_multiplier=0.0, max_grad_norm=1e9, poisson=False))
+    plain = run(None)
+    assert private.adapter.lora.keys() == plain.adapter.lora.keys()
+    for name, f in plain.adapter.lora.items():
+        torch.testing.assert_close(private.adapter.lora[name].A, f.A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(private.adapter.lora[name].B, f.B, rtol=1e-10, atol=1e-12)
+        assert not torch.equal(f.B, start.lora[name].B)
+    for name, t in plain.adapter.extras.items():
+        torch.testing.assert_close(private.adapter.extras[name], t, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_a_and_head_stay_exactly_as_sent():
+    host, data = tiny_host()
+    start = current_adapter(host, RANK)
+    config = TrainConfig(local_steps=3, batch_size=4, dp=DPConfig(noise_multiplier=1.0))
+    result = LocalTrainer(host, config).train(
+        "c", start, data, rank=RANK, train_a=False, train_head=False, ledger=PrivacyLedger()
+    )
+    for name, f in result.adapter.lora.items():
+        assert torch.equal(f.A, start.lora[name].A)
+        assert not torch.equal(f.B, start.lora[name].B)
+    for name, t in result.adapter.extras.items():
+        assert torch.equal(t, start.extras[name])
+
+
+def test_an_adapter_that_never_moves_is_refused():
+    """opacus#820: LoRA weights silently not updating must not be sent as a 'trained' update."""
+    host, data = tiny_host()
+    start = current_adapter(host, RANK)
+    trainer = LocalTrainer(host, TrainConfig(local_steps=2, batch_size=4, lr=1e-3))
+    trainer._optimizer = lambda params: torch.optim.SGD(params, lr=0.0)  # a stuck optimizer
+    with pytest.raises(TrainingError, match="opacus#820"):
+        trainer.train("c", start, data, rank=RANK)
+
+
+def test_ranks_share_one_base_and_add_only_their_adapters():
+    """Serving clients of three ranks costs one base plus each rank's LoRA and head copy."""
+    host, data = tiny_host()
+    base_numel = sum(p.numel() for p in host._base.parameters())
+    head_numel = sum(t.numel() for t in host.initial_head.values())
+    ranks = (2, 4, 8)
+    adapters = {r: current_adapter(host, r) for r in ranks}
+    trainer = LocalTrainer(host, TrainConfig(local_steps=2, batch_size=4))
+    trainer.train("a", adapters[2], data, rank=2)
+    for name, f in adapters[8].lora.items():  # training rank 2 left rank 8 untouched
+        assert torch.equal(current_adapter(host, 8).lora[name].B, f.B)
+    lora_numel = sum(
+        r * (s.d_in + s.d_out) for r in ranks for s in host.shapes.values()
+    )
+    total = sum(p.numel() for p in host.model(2).parameters())
+    assert total == base_numel + lora_numel + len(ranks) * head_numel
