@@ -181,3 +181,17 @@ def test_bad_training_settings_fail_before_any_work():
     one_line_error(ConfigError, DPConfig, noise_multiplier=1.0, max_grad_norm=0.0)
     one_line_error(ConfigError, DPConfig, noise_multiplier=1.0, delta=1.0)
     one_line_error(ConfigError, DPConfig, noise_multiplier=1.0, grad_sample_mode="functorch2")
+
+
+def test_a_model_saved_to_a_local_directory_loads_by_path(tmp_path):
+    """The user path for `--model DIR`: same architecture, weights and tokenizer as saved."""
+    spec = ModelSpec(name="tiny", num_labels=3)
+    tokenizer = load_tokenizer(spec)
+    model = load_base_model(spec, tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    local = ModelSpec(name=str(tmp_path), num_labels=3)
+    loaded = load_base_model(local, load_tokenizer(local))
+    batch = tokenizer(["import a module by name"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)

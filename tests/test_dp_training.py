@@ -205,3 +205,43 @@ def test_ranks_share_one_base_and_add_only_their_adapters():
     )
     total = sum(p.numel() for p in host.model(2).parameters())
     assert total == base_numel + lora_numel + len(ranks) * head_numel
+
+
+def test_causal_lm_training_lowers_perplexity_on_its_data():
+    from fedlr.evaluation import evaluate
+
+    host, data = tiny_host("causal-lm")
+    start = current_adapter(host, RANK)
+    model = host.model(RANK)
+    before = evaluate(model, data, "causal-lm")["perplexity"]
+    config = TrainConfig(local_steps=30, batch_size=4, lr=1e-2)
+    result = LocalTrainer(host, config).train("c", start, data, rank=RANK, seed=0)
+    assert not result.adapter.extras  # no head for a causal LM
+    after = evaluate(model, data, "causal-lm")["perplexity"]
+    assert after < 0.8 * before
+
+
+def test_a_base_update_is_merged_exactly_and_replaced_not_accumulated():
+    """FLoRA clients train on W0 + merged update; a new update replaces the previous one."""
+    from fedlr.lowrank import LowRank
+
+    host, data = tiny_host(dtype=torch.float64)
+    module = sorted(host.shapes)[0]
+    w0 = host.base_layer(module).weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    shape = host.shapes[module]
+    first = LowRank(torch.randn(shape.d_out, 3, generator=gen, dtype=torch.float64),
+                    torch.randn(3, shape.d_in, generator=gen, dtype=torch.float64))
+    second = torch.randn(shape.d_out, shape.d_in, generator=gen, dtype=torch.float64)
+    host.set_base_delta({module: first})
+    torch.testing.assert_close(host.base_layer(module).weight, w0 + first.dense())
+    host.set_base_delta({module: second})
+    torch.testing.assert_close(host.base_layer(module).weight, w0 + second)
+    start = current_adapter(host, RANK)
+    start.base = {module: first}
+    LocalTrainer(host, TrainConfig(local_steps=1, batch_size=4)).train(
+        "c", start, data, rank=RANK
+    )
+    torch.testing.assert_close(host.base_layer(module).weight, w0 + first.dense())
+    host.set_base_delta({})
+    assert torch.equal(host.base_layer(module).weight, w0)
