@@ -164,6 +164,8 @@ class LocalTrainer:
         if dp is not None and ledger is None:
             raise FedlrError(f"client {client_id}: DP training needs the client's privacy ledger")
         started = time.perf_counter()
+        if not start.lora:  # FLoRA: a fresh LoRA every round, on the merged base
+            start = Adapter(self.host.fresh_lora(rank, seed), start.base, start.extras, start.meta)
         model = self._prepare(start, rank, train_a, train_head)
         params = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in params]

@@ -145,8 +145,17 @@ def load_adapter(path: str | Path) -> Adapter:
             f"{path} has no fedlr metadata; for a PEFT adapter pass its directory instead"
         )
     header = json.loads(raw_meta)
-    adapter = Adapter(meta=header.get("meta", {}))
-    scaling = header.get("scaling", {})
+    try:
+        return adapter_from_tensors(flat, header.get("scaling", {}), header.get("meta", {}))
+    except (KeyError, ValueError) as exc:
+        raise AdapterFileError(f"{path}: {exc}") from None
+
+
+def adapter_from_tensors(
+    flat: dict[str, Tensor], scaling: dict[str, float], meta: dict[str, Any] | None = None
+) -> Adapter:
+    """The inverse of `Adapter.tensors()`, given each LoRA module's scaling."""
+    adapter = Adapter(meta=dict(meta or {}))
     for key, tensor in flat.items():
         kind, _, name = key.partition("::")
         if kind == "lora_A":
@@ -158,7 +167,7 @@ def load_adapter(path: str | Path) -> Adapter:
         elif kind == "extra":
             adapter.extras[name] = tensor
         elif kind not in ("lora_B", "base_B"):
-            raise AdapterFileError(f"{path}: unknown tensor key {key!r}")
+            raise ValueError(f"unknown tensor key {key!r}")
     return adapter
 
 

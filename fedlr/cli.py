@@ -156,6 +156,77 @@ def inspect(
         console.print(f"meta: {adapter.meta}")
 
 
+@app.command()
+def simulate(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with any of these settings.")
+    ] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedit, flora, ffa, fedsvd or fair.")] = None,
+    num_clients: Annotated[int | None, typer.Option(help="Clients in the federation.")] = None,
+    clients_per_round: Annotated[
+        int | None, typer.Option(help="Clients sampled each round (default: all).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    rank: Annotated[int | None, typer.Option(help="One LoRA rank for every client.")] = None,
+    ranks: Annotated[str | None, typer.Option(help="LoRA ranks cycled over clients: 4,8,16.")] = (
+        None
+    ),
+    hetero_method: Annotated[str | None, typer.Option(help="hetlora or flexlora.")] = None,
+    model: Annotated[str | None, typer.Option(help="minilm, tiny, a directory or a hub id.")] = (
+        None
+    ),
+    task: Annotated[str | None, typer.Option(help="classification or causal-lm.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="stdlib-docs, a .jsonl/.csv/.txt file or a hub dataset.")
+    ] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid, dirichlet:ALPHA or pathological:K.")
+    ] = None,
+    local_steps: Annotated[int | None, typer.Option(help="Local optimiser steps per round.")] = (
+        None
+    ),
+    batch_size: Annotated[int | None, typer.Option(help="Local (expected) batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="DP-SGD noise sigma.")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="DP-SGD clipping bound C.")] = None,
+    target_epsilon: Annotated[
+        float | None, typer.Option(help="Solve sigma for this epsilon over the planned run.")
+    ] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta.")] = None,
+    export_rank: Annotated[
+        int | None, typer.Option(help="flora: compress the exported adapter to this rank.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of everything random.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (must not exist).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    save_client_updates: Annotated[
+        bool | None, typer.Option(help="Keep every client's update of every round.")
+    ] = None,
+) -> None:
+    """Simulate a federation on this machine (Flower simulation engine). With no options: the
+    default model (all-MiniLM-L6-v2) on the built-in stdlib-docs task, ffa, 8 clients."""
+    from fedlr.client.app import app as client_app
+    from fedlr.server.simulation import simulate as run
+    from fedlr.simconfig import SimulationConfig
+
+    if rank is not None and ranks is not None:
+        raise FedlrError("give --rank or --ranks, not both")
+    overrides = {
+        "strategy": strategy, "num_clients": num_clients, "clients_per_round": clients_per_round,
+        "rounds": rounds, "hetero": hetero_method, "model": model, "task": task,
+        "dataset": dataset, "partition": partition, "local_steps": local_steps,
+        "batch_size": batch_size, "lr": lr, "noise_multiplier": noise_multiplier,
+        "max_grad_norm": max_grad_norm, "target_epsilon": target_epsilon, "delta": delta,
+        "export_rank": export_rank, "seed": seed, "out": out,
+        "save_client_updates": save_client_updates,
+        "ranks": [rank] if rank is not None else (
+            _split_ints(ranks, "--ranks") if ranks is not None else None
+        ),
+    }
+    settings = SimulationConfig.load(config, overrides)
+    run(settings, client_app, resume=resume, console=console)
+
+
 def main() -> None:
     """Entry point: run the app, turning fedlr's own errors into one clear line."""
     try:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedlr.adapters import LoraFactors
 from fedlr.errors import ConfigError
-from fedlr.lowrank import LowRank
+from fedlr.lowrank import LowRank, kaiming_uniform_a
 from fedlr.strategies.base import ModuleShape
 
 TASKS = ("classification", "causal-lm")
@@ -269,6 +270,21 @@ class LoraHost:
     @staticmethod
     def adapter_name(rank: int) -> str:
         return f"r{rank}"
+
+    def scaling(self, rank: int) -> float:
+        """PEFT's LoRA scaling for this host's alpha: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
+        return self.alpha / rank**0.5 if self.rslora else self.alpha / rank
+
+    def fresh_lora(self, rank: int, seed: int) -> dict[str, LoraFactors]:
+        """A new LoRA with dW = 0 (A Kaiming-uniform from `seed`, B = 0), as FLoRA clients start
+        every round."""
+        gen = torch.Generator().manual_seed(seed)
+        dtype = next(self._base.parameters()).dtype
+        out = {}
+        for name, shape in sorted(self.shapes.items()):
+            A = kaiming_uniform_a(rank, shape.d_in, gen, dtype)
+            out[name] = LoraFactors(A, A.new_zeros(shape.d_out, rank), self.scaling(rank))
+        return out
 
     def base_layer(self, module: str) -> torch.nn.Linear:
         layer = self._base.get_submodule(module)

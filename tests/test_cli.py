@@ -11,7 +11,7 @@ import torch
 
 from fedlr.adapters import Adapter, LoraFactors, save_adapter
 
-COMMANDS = [[], ["demo"], ["inspect"]]
+COMMANDS = [[], ["demo"], ["inspect"], ["simulate"]]
 
 
 def fedlr(*args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,74 @@
+"""What one process loads once and keeps: the frozen base model and the tokenised data.
+
+A simulation runs hundreds of virtual clients in a few worker processes; each process loads the
+base once (shared by every client it serves, one small adapter per rank) and the data once
+(partitioned the same way everywhere, from the run's seed), never per virtual client.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from fedlr.batches import Encoded, encode
+from fedlr.data import TextData, load_data, partition
+from fedlr.models import LoraHost, ModelSpec, default_targets, load_base_model, load_tokenizer
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str
+    task: str
+    num_clients: int
+    partition: str
+    seed: int
+    max_length: int
+    eval_examples: int
+
+
+@dataclass
+class ModelSession:
+    spec: ModelSpec
+    tokenizer: Any
+    host: LoraHost
+
+
+@dataclass
+class DataSession:
+    data: TextData
+    shards: list[Encoded]
+    heldout: Encoded
+
+
+@functools.lru_cache(maxsize=2)
+def data_source(source: str, task: str) -> TextData:
+    return load_data(source, task)
+
+
+@functools.lru_cache(maxsize=2)
+def tokenizer_for(spec: ModelSpec) -> Any:
+    return load_tokenizer(spec)
+
+
+@functools.lru_cache(maxsize=2)
+def model_session(spec: ModelSpec, alpha: float) -> ModelSession:
+    tokenizer = tokenizer_for(spec)
+    base = load_base_model(spec, tokenizer)
+    targets = spec.targets or default_targets(base)
+    return ModelSession(spec, tokenizer, LoraHost(base, spec.task, targets, alpha=alpha))
+
+
+@functools.lru_cache(maxsize=2)
+def data_session(spec: DataSpec, model: ModelSpec) -> DataSession:
+    """Every process computes the same partition: the partitioners are seeded by the run."""
+    data = data_source(spec.source, spec.task)
+    tokenizer = tokenizer_for(model)
+    shards = partition(data.train, spec.num_clients, spec.partition, seed=spec.seed)
+    heldout = data.heldout.select(range(min(spec.eval_examples, len(data.heldout))))
+    return DataSession(
+        data,
+        [encode(s, tokenizer, spec.max_length) for s in shards],
+        encode(heldout, tokenizer, spec.max_length),
+    )
+

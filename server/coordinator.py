@@ -1,0 +1,326 @@
+"""The round loop on Flower's Grid: sample, send each client its own downlink, validate and
+aggregate what comes back, evaluate, and write the run directory.
+
+It is our own loop rather than `Strategy.start` because fedlr needs per-client payloads (ranks,
+FLoRA base updates, privacy ledgers), validation with reasons, and resume from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedlr.adapters import Adapter, LoraFactors, adapter_from_tensors, load_into_peft_model
+from fedlr.errors import FedlrError, RoundFailedError
+from fedlr.evaluation import evaluate
+from fedlr.payload import Job, adapter_payload, job_settings
+from fedlr.privacy import PrivacyLedger
+from fedlr.rounds import Rejection, aggregate_round
+from fedlr.server.rundir import RunDir, write_json
+from fedlr.session import DataSession, DataSpec, ModelSession, data_session, data_source
+from fedlr.session import model_session as load_model_session
+from fedlr.simconfig import SimulationConfig
+from fedlr.strategies import FederationSpec, GlobalState, Strategy, make_strategy
+from fedlr.strategies.base import ClientUpdate
+from fedlr.strategies.flora import FLoRA
+from fedlr.validation import ValidationPolicy
+
+NODE_WAIT_SECONDS = 120.0
+
+
+@dataclass
+class Federation:
+    """Everything the server builds before round 1; building it validates the data and model."""
+
+    config: SimulationConfig
+    model: ModelSession
+    data: DataSession
+    data_spec: DataSpec
+    strategy: Strategy
+
+    @classmethod
+    def build(cls, config: SimulationConfig) -> Federation:
+        labels = data_source(config.dataset, config.task).num_labels
+        spec = config.model_spec(labels)
+        model = load_model_session(spec, config.alpha)
+        data_spec = DataSpec(
+            config.dataset, config.task, config.num_clients, config.partition, config.seed,
+            config.max_length, config.eval_examples,
+        )
+        data = data_session(data_spec, spec)
+        federation = FederationSpec(
+            modules=model.host.shapes,
+            ranks=config.client_ranks(),
+            alpha=config.alpha,
+            extras=model.host.head_shapes,
+        )
+        strategy = make_strategy(
+            config.strategy, federation, hetero=config.hetero, head=config.head, seed=config.seed
+        )
+        return cls(config, model, data, data_spec, strategy)
+
+    @property
+    def eval_client(self) -> str:
+        """A client of the largest rank: its downlink is the whole global adapter."""
+        ranks = self.strategy.spec.ranks
+        return max(ranks, key=lambda c: (ranks[c], -int(c)))
+
+
+@dataclass
+class RoundOutcome:
+    record: dict[str, Any]
+    state: GlobalState
+
+
+@dataclass
+class Coordinator:
+    fed: Federation
+    run: RunDir
+    on_round: Callable[[dict[str, Any]], None] = lambda record: None
+    ledgers: dict[str, PrivacyLedger] = field(default_factory=dict)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def initial(self, resume: bool) -> GlobalState:
+        if not resume:
+            return self.fed.strategy.init_state(self.fed.model.host.initial_head)
+        tensors, info = self.run.load_checkpoint()
+        self.ledgers = {c: PrivacyLedger.from_dict(d) for c, d in info["ledgers"].items()}
+        self.run.truncate_metrics(info["round"])
+        return GlobalState.from_tensors(tensors, info["state"])
+
+    def checkpoint(self, state: GlobalState) -> None:
+        tensors, info = state.to_tensors()
+        self.run.save_checkpoint(
+            state.round, tensors,
+            {"state": info, "ledgers": {c: led.to_dict() for c, led in self.ledgers.items()},
+             "strategy": self.fed.strategy.describe()},
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run_rounds(self, grid: Grid, resume: bool) -> GlobalState:
+        state = self.initial(resume)
+        nodes = self.wait_for_nodes(grid)
+        for round_ in range(state.round + 1, self.fed.config.rounds + 1):
+            state = self.round(grid, nodes, state, round_).state
+        return state
+
+    def wait_for_nodes(self, grid: Grid) -> dict[str, int]:
+        """Client k is the k-th connected node (in node-id order)."""
+        needed = self.fed.config.num_clients
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= needed:
+                return {str(k): node for k, node in enumerate(nodes[:needed])}
+            if time.monotonic() > deadline:
+                raise FedlrError(f"only {len(nodes)} of {needed} clients connected")
+            time.sleep(1.0)
+
+    def sample(self, round_: int) -> list[str]:
+        config = self.fed.config
+        chosen = random.Random(f"{config.seed}:{round_}").sample(
+            config.client_ids(), config.sampled_per_round
+        )
+        return sorted(chosen, key=int)
+
+    def job(self, client: str, round_: int, scalings: dict[str, float]) -> Job:
+        config, strategy = self.fed.config, self.fed.strategy
+        train, dp = job_settings(config.train_config())
+        ledger = self.ledgers.get(client)
+        return Job(
+            client_id=client,
+            round=round_,
+            rank=strategy.spec.ranks[client],
+            train_a=strategy.trains_a,
+            train_head=strategy.head == "train" and bool(strategy.spec.extras),
+            seed=config.seed * 1_000_003 + round_ * 10_007 + int(client),
+            alpha=config.alpha,
+            model={**self.fed.model.spec.__dict__, "targets": list(self.fed.model.host.targets)},
+            data=self.fed.data_spec.__dict__,
+            train=train,
+            dp=dp,
+            ledger=ledger.to_dict() if ledger is not None else None,
+            scalings=scalings,
+        )
+
+    def round(self, grid: Grid, nodes: dict[str, int], state: GlobalState, round_: int
+              ) -> RoundOutcome:
+        started = time.perf_counter()
+        strategy = self.fed.strategy
+        clients = self.sample(round_)
+        downlinks = {c: strategy.downlink(state, c) for c in clients}
+        messages, bytes_down = [], 0
+        for client in clients:
+            flat, scalings = adapter_payload(downlinks[client])
+            arrays = ArrayRecord(torch_state_dict=flat)
+            bytes_down += arrays.count_bytes()
+            content = RecordDict({
+                "adapter": arrays,
+                "config": ConfigRecord({"job": self.job(client, round_, scalings).to_json()}),
+            })
+            messages.append(Message(content=content, dst_node_id=nodes[client],
+                                    message_type="train"))
+        node_client = {node: c for c, node in nodes.items()}
+        updates, rejected, metrics, bytes_up = [], [], [], 0
+        for reply in grid.send_and_receive(messages):
+            client = node_client.get(reply.metadata.src_node_id, "?")
+            update, reason, numbers, size = self.parse(client, reply, downlinks.get(client))
+            bytes_up += size
+            if reason:
+                rejected.append(Rejection(client, reason))
+                continue
+            updates.append(update)
+            metrics.append(numbers)
+        answered = {r.client_id for r in rejected} | {u.client_id for u in updates}
+        rejected += [Rejection(c, "no reply (dropped or timed out)") for c in clients
+                     if c not in answered]
+        updates.sort(key=lambda u: int(u.client_id))  # reply order must not change the sums
+        sent = {c: strategy.starting_adapter(state, c) for c in clients}
+        policy = ValidationPolicy(
+            max_update_norm=self.fed.config.max_update_norm,
+            min_valid_updates=self.fed.config.min_valid_updates,
+        )
+        try:
+            result = aggregate_round(strategy, state, updates, sent=sent, policy=policy)
+        except RoundFailedError as exc:
+            raise FedlrError(f"{exc} (plus {len(rejected)} rejected before validation: "
+                             + "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) + ")"
+                             ) from None
+        rejected += result.rejected
+        new_state = result.state
+        accepted = sorted(result.accepted, key=int)
+
+        self.run.save_global(round_, self.global_adapter(new_state))
+        if self.fed.config.save_client_updates:
+            for update in updates:
+                if update.client_id in accepted:
+                    self.run.save_client(round_, update.client_id, update.adapter)
+        evaluation = self.evaluate(new_state)
+        record = self.record(round_, clients, accepted, rejected, metrics, evaluation,
+                             result.report.residual, result.report.residual_max,
+                             bytes_up, bytes_down, time.perf_counter() - started)
+        self.run.append_metrics(record)
+        self.write_privacy()
+        self.checkpoint(new_state)
+        self.on_round(record)
+        return RoundOutcome(record, new_state)
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def parse(self, client: str, reply: Message, downlink: Adapter | None
+              ) -> tuple[ClientUpdate | None, str, dict[str, float], int]:
+        """A reply as a ClientUpdate, or the reason it cannot be one (never raises)."""
+        if reply.has_error():
+            return None, f"client failed: {reply.error.reason}", {}, 0
+        content = reply.content
+        info = dict(content["info"]) if "info" in content else {}
+        if info.get("refused"):
+            return None, f"refused: {info['refused']}", {}, 0
+        if info.get("ledger"):
+            self.ledgers[client] = PrivacyLedger.from_dict(json.loads(str(info["ledger"])))
+        try:
+            arrays = content["adapter"]
+            size = arrays.count_bytes()
+            flat = arrays.to_torch_state_dict()
+            numbers = {k: float(v) for k, v in content["metrics"].items()}
+            scalings = json.loads(str(info["scalings"]))
+            if not self.fed.strategy.trains_a and downlink is not None:  # B-only upload
+                for name, f in downlink.lora.items():
+                    flat.setdefault(f"lora_A::{name}", f.A)
+            n = int(numbers["num-examples"])
+            adapter = adapter_from_tensors(flat, scalings, {"client_id": client, "num_examples": n})
+        except (KeyError, ValueError, TypeError) as exc:
+            return None, f"malformed reply ({type(exc).__name__}: {exc})", {}, 0
+        return ClientUpdate(client, adapter, n), "", numbers, size
+
+    # -- global adapter, evaluation, records ---------------------------------------------------
+
+    def global_adapter(self, state: GlobalState) -> Adapter:
+        """The round's file: effective factors with scaling 1, so dW = B A exactly. For FLoRA the
+        exact stacked update of the round."""
+        source = state.history[-1] if isinstance(self.fed.strategy, FLoRA) else state.lora
+        lora = {name: LoraFactors(x.A, x.B, 1.0) for name, x in source.items()}
+        meta = {"round": state.round, "strategy": self.fed.strategy.name}
+        return Adapter(lora=lora, extras=dict(state.extras), meta=meta)
+
+    def eval_model(self, state: GlobalState) -> Any:
+        """The host's model at the largest rank, holding the global adapter (and FLoRA's merged
+        base): what the server evaluates and what the PEFT export must reproduce."""
+        host, client = self.fed.model.host, self.fed.eval_client
+        rank = self.fed.strategy.spec.ranks[client]
+        downlink = self.fed.strategy.downlink(state, client)
+        lora = downlink.lora or host.fresh_lora(rank, seed=0)
+        host.set_base_delta(downlink.base)
+        model = host.model(rank)
+        load_into_peft_model(model, Adapter(lora=lora, extras=downlink.extras),
+                             host.adapter_name(rank))
+        return model
+
+    def evaluate(self, state: GlobalState) -> dict[str, float]:
+        return evaluate(self.eval_model(state), self.fed.data.heldout, self.fed.config.task)
+
+    def record(self, round_, clients, accepted, rejected, metrics, evaluation, residual,
+               residual_max, bytes_up, bytes_down, seconds) -> dict[str, Any]:
+        weights = [m.get("num-examples", 0.0) for m in metrics]
+        losses = [m.get("train_loss", math.nan) for m in metrics]
+        total = sum(weights)
+        record: dict[str, Any] = {
+            "round": round_,
+            "num_clients": len(clients),
+            "clients": clients,
+            "accepted": accepted,
+            "train_loss": sum(w * v for w, v in zip(weights, losses, strict=True)) / total
+            if total else None,
+            "eval_loss": evaluation["loss"],
+            "aggregation_residual": residual,
+            "aggregation_residual_max": residual_max,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "seconds": seconds,
+            "rejected": [{"client": r.client_id, "reason": r.reason} for r in rejected],
+        }
+        if "accuracy" in evaluation:
+            record["eval_accuracy"] = evaluation["accuracy"]
+        if "perplexity" in evaluation:
+            record["eval_perplexity"] = evaluation["perplexity"]
+        dp = self.fed.config.dp_config()
+        if dp is not None and self.ledgers:
+            record["epsilon_max"] = max(led.epsilon(dp.delta) for led in self.ledgers.values())
+        return record
+
+    def write_privacy(self) -> None:
+        dp = self.fed.config.dp_config()
+        if dp is None:
+            return
+        clients = {}
+        for client, ledger in sorted(self.ledgers.items(), key=lambda kv: int(kv[0])):
+            sigma, q, _ = ledger.history[-1] if ledger.history else (math.nan, math.nan, 0)
+            clients[client] = {
+                "noise_multiplier": sigma,
+                "max_grad_norm": dp.max_grad_norm,
+                "sample_rate": q,
+                "steps": ledger.steps,
+                "rounds": ledger.rounds,
+                "epsilon": ledger.epsilon(dp.delta),
+                "history": [list(s) for s in ledger.history],
+            }
+        eps = [c["epsilon"] for c in clients.values()]
+        write_json(self.run.root / "privacy.json", {
+            "delta": dp.delta,
+            "accountant": dp.accountant,
+            "privacy_unit": "one training example of one client (sample-level DP-SGD)",
+            "sampling": "Poisson, q = batch_size / client examples",
+            "max_epsilon": max(eps) if eps else 0.0,
+            "budget": dp.budget,
+            "clients": clients,
+        })

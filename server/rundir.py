@@ -1,0 +1,123 @@
+"""The run directory: a stable contract between a run and whoever reads it afterwards.
+
+    run.json                         resolved config, package versions, seed
+    metrics.jsonl                    one JSON object per round
+    privacy.json                     per-client DP accounting (when DP is on)
+    rounds/NNNN/global.safetensors   the global adapter after round NNNN (flora: that round's
+                                     exact stacked update); clients/<id>.safetensors on request
+    adapter/                         the final adapter in PEFT format
+    checkpoint/                      state after the last completed round, for --resume
+
+Every file is written atomically; the checkpoint's JSON is written last and names its tensors, so
+a run killed at any instant resumes from the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fedlr.adapters import Adapter, atomic_write, save_adapter
+from fedlr.errors import ConfigError
+
+PACKAGES = ("fedlr", "torch", "flwr", "opacus", "peft", "transformers", "dp-accounting")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+class RunDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def checkpoint_json(self) -> Path:
+        return self.root / "checkpoint" / "checkpoint.json"
+
+    def prepare(self, resume: bool) -> None:
+        """Refuse to overwrite a run; refuse to resume one that has nothing to resume from."""
+        if resume:
+            if not self.checkpoint_json.is_file():
+                raise ConfigError(
+                    f"nothing to resume in {self.root}: no checkpoint/checkpoint.json; start it "
+                    "without --resume"
+                )
+            return
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ConfigError(
+                f"run directory {self.root} already exists; pass --resume to continue it or "
+                "choose another --out"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write_run_json(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
+        write_json(self.root / "run.json", {"config": config, "versions": package_versions(),
+                                            "seed": config.get("seed"), **extra})
+
+    def round_dir(self, round_: int) -> Path:
+        return self.root / "rounds" / f"{round_:04d}"
+
+    def save_global(self, round_: int, adapter: Adapter) -> None:
+        save_adapter(adapter, self.round_dir(round_) / "global.safetensors")
+
+    def save_client(self, round_: int, client_id: str, adapter: Adapter) -> None:
+        save_adapter(adapter, self.round_dir(round_) / "clients" / f"{client_id}.safetensors")
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        path = self.root / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        lines.append(json.dumps(record, sort_keys=True) + "\n")
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines)))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.root / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop rounds after the checkpoint (a run killed between metrics and checkpoint)."""
+        kept = [r for r in self.read_metrics() if r["round"] <= last_round]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write(self.root / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+
+    # -- checkpoint ------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, round_: int, tensors: dict[str, Tensor], info: dict[str, Any]
+    ) -> None:
+        folder = self.root / "checkpoint"
+        name = f"state-{round_:04d}.safetensors"
+        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(folder / name, lambda tmp: save_file(flat, tmp))
+        write_json(self.checkpoint_json, {**info, "round": round_, "tensors": name})
+        for old in folder.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def load_checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        info = json.loads(self.checkpoint_json.read_text())
+        with safe_open(str(self.checkpoint_json.parent / info["tensors"]), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        return tensors, info

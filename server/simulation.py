@@ -1,0 +1,114 @@
+"""`fedlr simulate`: a whole federation on one machine with Flower's simulation engine.
+
+The ServerApp runs the coordinator in this process; virtual clients run in Ray worker processes,
+one CPU each, and each process loads the frozen base and the data once for all the clients it
+serves. Everything that can be wrong with the settings is found before Ray starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedlr.errors import FedlrError
+from fedlr.models import resolve_source
+from fedlr.server.coordinator import Coordinator, Federation
+from fedlr.server.export import export_peft, final_adapter
+from fedlr.server.report import plot, summary_table
+from fedlr.server.rundir import RunDir
+from fedlr.simconfig import SimulationConfig
+
+
+def base_model_name(model: str) -> str:
+    """What the PEFT export names as its base: the resolved directory, or the preset for `tiny`
+    (random weights, rebuilt from fedlr's config and the run's seed)."""
+    return model if model == "tiny" else resolve_source(model)
+
+
+def check_resume(run: RunDir, config: SimulationConfig) -> None:
+    """A resumed run must have the same settings as the run it continues."""
+    import json
+
+    recorded = json.loads((run.root / "run.json").read_text())["config"]
+    current = config.to_dict()
+    differ = sorted(k for k in current if k != "out" and recorded.get(k) != current[k])
+    if differ:
+        raise FedlrError(
+            f"--resume with settings that differ from the run in {run.root}: {differ}; resume "
+            "with the original settings"
+        )
+
+
+def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
+             console: Console | None = None) -> RunDir:
+    """Run (or resume) a simulated federation; returns its run directory."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    console = console or Console()
+    run = RunDir(config.out)
+    run.prepare(resume)  # before any loading: an existing run is never overwritten
+    if resume:
+        check_resume(run, config)
+    fed = Federation.build(config)
+    if not resume:
+        run.write_run_json(config.to_dict(), {"strategy": fed.strategy.describe(),
+                                              "client_ranks": config.client_ranks()})
+    errors: list[BaseException] = []
+    server_app = ServerApp()
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"{config.strategy}: rounds", total=config.rounds)
+
+        def on_round(record: dict[str, Any]) -> None:
+            quality = record.get("eval_accuracy", record.get("eval_perplexity"))
+            progress.update(task, completed=record["round"],
+                            description=f"{config.strategy}: round {record['round']} "
+                                        f"eval {quality:.3f}")
+
+        coordinator = Coordinator(fed, run, on_round=on_round)
+
+        @server_app.main()
+        def main(grid: Grid, context: Any) -> None:
+            try:
+                state = coordinator.run_rounds(grid, resume)
+                progress.update(task, completed=config.rounds)
+                adapter, info = final_adapter(fed.strategy, state, config.export_rank)
+                export_peft(run.root / "adapter", adapter, base_model_name(config.model),
+                            config.task, info)
+            except BaseException as exc:  # Flower would log and swallow it
+                errors.append(exc)
+
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # not its deprecation notice per run
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        # Ray workers inherit this environment: one thread per virtual client, one CPU each.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=config.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": os.cpu_count() or 1,
+                    "include_dashboard": False,
+                    "logging_level": "error",
+                    "log_to_driver": False,
+                },
+            },
+        )
+    if errors:
+        raise errors[0]
+    records = run.read_metrics()
+    if not records:
+        raise FedlrError("the simulation ended without completing a round; see the log above")
+    console.print(summary_table(records, f"{config.strategy} on {config.model} / {config.dataset}"))
+    plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients")
+    console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/)")
+    return run
