@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -197,7 +198,9 @@ def simulate(
         int | None, typer.Option(help="flora: compress the exported adapter to this rank.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of everything random.")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory (must not exist).")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Run directory, must not exist (default: runs/NAME-TIME).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     save_client_updates: Annotated[
         bool | None, typer.Option(help="Keep every client's update of every round.")
@@ -211,6 +214,8 @@ def simulate(
 
     if rank is not None and ranks is not None:
         raise FedlrError("give --rank or --ranks, not both")
+    if resume and out is None and config is None:
+        raise FedlrError("--resume needs the --out of the run to continue")
     overrides = {
         "strategy": strategy, "num_clients": num_clients, "clients_per_round": clients_per_round,
         "rounds": rounds, "hetero": hetero_method, "model": model, "task": task,
@@ -229,6 +234,7 @@ def simulate(
 
 def main() -> None:
     """Entry point: run the app, turning fedlr's own errors into one clear line."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' notices to developers
     try:
         app()
     except FedlrError as exc:

@@ -7,6 +7,7 @@ unknown names, impossible counts, missing paths, contradictory privacy settings.
 from __future__ import annotations
 
 import math
+import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -52,7 +53,7 @@ class SimulationConfig:
     eval_examples: int = 400
     export_rank: int | None = None
     seed: int = 0
-    out: str = "runs/simulate"
+    out: str | None = None  # default: runs/<strategy>-<timestamp>, never an existing run
     save_client_updates: bool = False
 
     # -- construction ------------------------------------------------------------------------
@@ -70,6 +71,9 @@ class SimulationConfig:
             raise ConfigError(f"unknown settings {unknown}; known: {sorted(known)}")
         config = cls(**values)
         config.validate()
+        if config.out is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            config.out = f"runs/{config.strategy}-{stamp}"
         return config
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the built-in defaults: `bash scripts/demo.sh [fedlr demo options]`.
+# The main job on the built-in defaults: `bash scripts/demo.sh [fedlr simulate options]`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FEDLR_ROOT"
-exec fedlr demo "$@"
+exec fedlr simulate "$@"

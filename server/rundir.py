@@ -62,12 +62,11 @@ class RunDir:
                     "without --resume"
                 )
             return
-        if self.root.exists() and any(self.root.iterdir()):
+        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
             raise ConfigError(
                 f"run directory {self.root} already exists; pass --resume to continue it or "
                 "choose another --out"
             )
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def write_run_json(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         write_json(self.root / "run.json", {"config": config, "versions": package_versions(),

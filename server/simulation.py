@@ -21,12 +21,35 @@ from fedlr.server.export import export_peft, final_adapter
 from fedlr.server.report import plot, summary_table
 from fedlr.server.rundir import RunDir
 from fedlr.simconfig import SimulationConfig
+from fedlr.strategies import GlobalState
 
 
 def base_model_name(model: str) -> str:
     """What the PEFT export names as its base: the resolved directory, or the preset for `tiny`
     (random weights, rebuilt from fedlr's config and the run's seed)."""
     return model if model == "tiny" else resolve_source(model)
+
+
+def open_run(config: SimulationConfig, resume: bool) -> tuple[RunDir, Federation]:
+    """Check the run directory before any loading (an existing run is never overwritten), build
+    the federation (which validates model and data), then record the run."""
+    run = RunDir(config.out)
+    run.prepare(resume)
+    if resume:
+        check_resume(run, config)
+    fed = Federation.build(config)
+    if not resume:
+        run.write_run_json(config.to_dict(), {"strategy": fed.strategy.describe(),
+                                              "client_ranks": config.client_ranks()})
+    return run, fed
+
+
+def finish(coordinator: Coordinator, state: GlobalState) -> None:
+    """After the last round: the final adapter in PEFT format under adapter/."""
+    fed = coordinator.fed
+    adapter, info = final_adapter(fed.strategy, state, fed.config.export_rank)
+    export_peft(coordinator.run.root / "adapter", adapter, base_model_name(fed.config.model),
+                fed.config.task, info)
 
 
 def check_resume(run: RunDir, config: SimulationConfig) -> None:
@@ -50,14 +73,7 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
     from flwr.simulation import run_simulation
 
     console = console or Console()
-    run = RunDir(config.out)
-    run.prepare(resume)  # before any loading: an existing run is never overwritten
-    if resume:
-        check_resume(run, config)
-    fed = Federation.build(config)
-    if not resume:
-        run.write_run_json(config.to_dict(), {"strategy": fed.strategy.describe(),
-                                              "client_ranks": config.client_ranks()})
+    run, fed = open_run(config, resume)
     errors: list[BaseException] = []
     server_app = ServerApp()
 
@@ -76,11 +92,8 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
         @server_app.main()
         def main(grid: Grid, context: Any) -> None:
             try:
-                state = coordinator.run_rounds(grid, resume)
+                finish(coordinator, coordinator.run_rounds(grid, resume))
                 progress.update(task, completed=config.rounds)
-                adapter, info = final_adapter(fed.strategy, state, config.export_rank)
-                export_peft(run.root / "adapter", adapter, base_model_name(config.model),
-                            config.task, info)
             except BaseException as exc:  # Flower would log and swallow it
                 errors.append(exc)
 

@@ -1,0 +1,46 @@
+"""The Flower ServerApp for `flwr run`: the same coordinator and run directory as `fedlr simulate`.
+
+Settings come from the run config (`[tool.flwr.app.config]` in pyproject.toml, or
+`flwr run --run-config "key=value ..."`): the names of `fedlr.simconfig.SimulationConfig` with
+dashes or underscores; `ranks` and `targets` as comma-separated strings, since Flower's run config
+holds scalars only; `resume = true` continues the run in `out`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlr.errors import ConfigError
+from fedlr.server.coordinator import Coordinator
+from fedlr.server.simulation import finish, open_run
+from fedlr.simconfig import SimulationConfig
+
+app = ServerApp()
+LISTS = {"ranks": int, "targets": str}
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[SimulationConfig, bool]:
+    values = {key.replace("-", "_"): value for key, value in run_config.items()}
+    resume = bool(values.pop("resume", False))
+    for key, kind in LISTS.items():
+        if isinstance(values.get(key), str):
+            try:
+                values[key] = [kind(x.strip()) for x in values[key].split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"{key} must be comma-separated, got {values[key]!r}") from None
+    for key in ("clients_per_round", "noise_multiplier", "target_epsilon", "max_epsilon",
+                "export_rank", "max_update_norm", "head", "out"):
+        if values.get(key) in ("", "none", "None"):  # a scalar-only config spells "unset" so
+            values[key] = None
+    return SimulationConfig.load(None, values), resume
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config, resume = config_from_run_config(dict(context.run_config))
+    run, fed = open_run(config, resume)
+    coordinator = Coordinator(fed, run)
+    finish(coordinator, coordinator.run_rounds(grid, resume))
