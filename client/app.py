@@ -36,7 +36,7 @@ def run_job(job: Job, downlink: dict[str, torch.Tensor]) -> RecordDict:
     result = LocalTrainer(session.host, config).train(
         job.client_id,
         start,
-        data.shards[int(job.client_id)],
+        data.shard(int(job.client_id)),
         rank=job.rank,
         train_a=job.train_a,
         train_head=job.train_head,

@@ -8,7 +8,7 @@ base once (shared by every client it serves, one small adapter per rank) and the
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedlr.batches import Encoded, encode
@@ -36,9 +36,20 @@ class ModelSession:
 
 @dataclass
 class DataSession:
+    """The partition of the training data and the encoded held-out split. A client's shard is
+    tokenised on first use, so each process encodes only the clients it serves."""
+
     data: TextData
-    shards: list[Encoded]
+    partitions: list[Any]
     heldout: Encoded
+    tokenizer: Any
+    max_length: int
+    _encoded: dict[int, Encoded] = field(default_factory=dict)
+
+    def shard(self, client: int) -> Encoded:
+        if client not in self._encoded:
+            self._encoded[client] = encode(self.partitions[client], self.tokenizer, self.max_length)
+        return self._encoded[client]
 
 
 @functools.lru_cache(maxsize=2)
@@ -67,8 +78,6 @@ def data_session(spec: DataSpec, model: ModelSpec) -> DataSession:
     shards = partition(data.train, spec.num_clients, spec.partition, seed=spec.seed)
     heldout = data.heldout.select(range(min(spec.eval_examples, len(data.heldout))))
     return DataSession(
-        data,
-        [encode(s, tokenizer, spec.max_length) for s in shards],
-        encode(heldout, tokenizer, spec.max_length),
+        data, shards, encode(heldout, tokenizer, spec.max_length), tokenizer, spec.max_length
     )
 

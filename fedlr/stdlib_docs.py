@@ -10,13 +10,18 @@ stable across runs and machines; each topic is capped so that the classes stay b
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import json
+import os
 import re
+import sys
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedlr.adapters import atomic_write
 from fedlr.errors import ConfigError
 
 TOPICS: dict[str, tuple[str, ...]] = {
@@ -128,13 +133,37 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
+def cache_path(per_topic: int, root: Path) -> Path:
+    """Where a built dataset is kept: keyed by everything the build depends on."""
+    key = json.dumps([sys.version, str(root), TOPICS, per_topic, MIN_CHARS, MAX_CHARS,
+                      HELDOUT_FRACTION, sorted(SKIP_DIRS)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "fedlr" / f"stdlib-docs-{digest}.json"
+
+
 def build(per_topic: int = DEFAULT_PER_TOPIC, root: Path | None = None) -> tuple[
     list[Example], list[Example]
 ]:
+    """(train, held-out) examples, built once per interpreter and then read from a cache file
+    (every worker process of a simulation needs them)."""
+    root = root or stdlib_dir()
+    cache = cache_path(per_topic, root)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(cache.read_text())
+        return tuple([Example(**e) for e in data[part]] for part in ("train", "heldout"))
+    train, heldout = _build(per_topic, root)
+    with contextlib.suppress(OSError):  # a read-only home only costs the rebuild
+        text = json.dumps({"train": [asdict(e) for e in train],
+                           "heldout": [asdict(e) for e in heldout]})
+        atomic_write(cache, lambda tmp: Path(tmp).write_text(text))
+    return train, heldout
+
+
+def _build(per_topic: int, root: Path) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples; at most `per_topic` per topic, chosen by text hash."""
     if per_topic <= 0:
         raise ConfigError(f"stdlib-docs needs a positive count per topic, got {per_topic}")
-    root = root or stdlib_dir()
     if not root.is_dir():
         raise ConfigError(f"the Python standard library sources are not at {root}")
     train: list[Example] = []

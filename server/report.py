@@ -5,33 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 
 def summary_table(records: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
-    columns = ["round", "clients", "rejected", "train loss", "eval loss", "accuracy / ppl",
-               "residual", "MB up", "MB down", "s"]
-    if any("epsilon_max" in r for r in records):
-        columns.insert(6, "epsilon")
+    """One row per round, narrow enough for an 80-column terminal."""
+    quality = "acc" if "eval_accuracy" in records[0] else "ppl"
+    dp = any("epsilon_max" in r for r in records)
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    columns = ["round", "ok/sent", "train", "eval", quality, *(["eps"] if dp else []),
+               "residual", "MB up", "MB dn", "s"]
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for r in records:
-        quality = r.get("eval_accuracy", r.get("eval_perplexity"))
         row = [
-            str(r["round"]), f"{len(r['accepted'])}/{r['num_clients']}", str(len(r["rejected"])),
-            _num(r["train_loss"]), _num(r["eval_loss"]), _num(quality),
-            f"{r['aggregation_residual']:.2e}", f"{r['bytes_up'] / 2**20:.2f}",
-            f"{r['bytes_down'] / 2**20:.2f}", f"{r['seconds']:.1f}",
+            str(r["round"]), f"{len(r['accepted'])}/{r['num_clients']}",
+            _num(r["train_loss"]), _num(r["eval_loss"]),
+            _num(r.get("eval_accuracy", r.get("eval_perplexity"))),
+            *([_num(r.get("epsilon_max"))] if dp else []),
+            f"{r['aggregation_residual']:.1e}", f"{r['bytes_up'] / 2**20:.2f}",
+            f"{r['bytes_down'] / 2**20:.2f}", f"{r['seconds']:.0f}",
         ]
-        if "epsilon" in columns:
-            row.insert(6, _num(r.get("epsilon_max")))
         table.add_row(*row)
     return table
 
 
 def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None else f"{value:.3f}"
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -39,6 +40,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in records]
     panels = [("eval_accuracy", "held-out accuracy"), ("eval_perplexity", "held-out perplexity")]
@@ -56,6 +58,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         else:
             ax.plot(rounds, [r.get(key) for r in records], marker="o")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)

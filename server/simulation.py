@@ -7,6 +7,7 @@ serves. Everything that can be wrong with the settings is found before Ray start
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -54,8 +55,6 @@ def finish(coordinator: Coordinator, state: GlobalState) -> None:
 
 def check_resume(run: RunDir, config: SimulationConfig) -> None:
     """A resumed run must have the same settings as the run it continues."""
-    import json
-
     recorded = json.loads((run.root / "run.json").read_text())["config"]
     current = config.to_dict()
     differ = sorted(k for k in current if k != "out" and recorded.get(k) != current[k])
@@ -122,6 +121,10 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
     if not records:
         raise FedlrError("the simulation ended without completing a round; see the log above")
     console.print(summary_table(records, f"{config.strategy} on {config.model} / {config.dataset}"))
+    for record in records:
+        for rejection in record["rejected"]:
+            console.print(f"round {record['round']}: rejected client {rejection['client']}: "
+                          f"{rejection['reason']}", highlight=False)
     plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients")
     console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/)")
     return run

@@ -195,3 +195,13 @@ def test_a_model_saved_to_a_local_directory_loads_by_path(tmp_path):
     batch = tokenizer(["import a module by name"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_the_stdlib_docs_cache_returns_exactly_what_a_fresh_build_gives(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = stdlib_docs.stdlib_dir()
+    first = stdlib_docs.build(40, root)  # builds and writes the cache
+    assert stdlib_docs.cache_path(40, root).is_file()
+    assert stdlib_docs.build(40, root) == first == stdlib_docs._build(40, root)
+    stdlib_docs.cache_path(40, root).write_text("{not json")  # a torn or stale cache is rebuilt
+    assert stdlib_docs.build(40, root) == first

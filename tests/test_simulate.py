@@ -3,6 +3,7 @@ round against the saved client updates, the PEFT export, resume after SIGKILL, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -234,3 +235,59 @@ def test_the_flwr_run_config_shipped_in_pyproject_is_a_valid_run():
 def test_every_shipped_scenario_is_a_valid_configuration(scenario):
     config = SimulationConfig.load(scenario, {})
     assert config.rounds >= 1 and config.num_clients >= config.sampled_per_round
+
+
+def test_flwr_run_serves_the_same_apps_and_run_directory(tmp_path):
+    """`flwr run .` with the project's [tool.flwr.app] config, on Flower's managed local
+    simulation SuperLink."""
+    import psutil
+
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
+        "options.num-supernodes = 3\n"
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    settings = (f"model='tiny' num-clients=3 rounds=2 ranks='2,4' local-steps=2 "
+                f"eval-examples=32 out='{out}'")
+    flwr = str(Path(sys.executable).parent / "flwr")
+    try:
+        done = subprocess.run(
+            [flwr, "run", str(Path(__file__).parents[1]), "local", "--run-config", settings,
+             "--stream"], env=env, capture_output=True, text=True, timeout=600,
+        )
+    finally:  # the managed SuperLink outlives `flwr run`: stop everything started for this home
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(home) in " ".join(proc.info["cmdline"] or []):
+                for p in [*proc.children(recursive=True), proc]:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(set(r) >= METRIC_KEYS for r in records)
+    recorded = json.loads((out / "run.json").read_text())["config"]
+    assert recorded["strategy"] == "ffa" and recorded["ranks"] == [2, 4]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_compressed_flora_export_loses_exactly_the_energy_it_reports(runs):
+    """||dW - dW_r||^2 = (1 - energy) ||dW||^2 per module (Eckart-Young), and rank <= r."""
+    from fedlr.server.export import final_adapter
+    from fedlr.strategies import GlobalState
+
+    config = runs["flora"]
+    federation = Federation.build(config)
+    tensors, info = RunDir(config.out).load_checkpoint()
+    state = GlobalState.from_tensors(tensors, info["state"])
+    exact, _ = final_adapter(federation.strategy, state, None)
+    compressed, facts = final_adapter(federation.strategy, state, 2)
+    assert facts["ranks"] == [2]
+    full, cut = exact.delta_weights(), compressed.delta_weights()
+    for name, energy in facts["energy_kept"].items():
+        lost = float(torch.linalg.matrix_norm(full[name] - cut[name])) ** 2
+        total = float(torch.linalg.matrix_norm(full[name])) ** 2
+        assert 0.0 < energy <= 1.0
+        assert lost == pytest.approx((1 - energy) * total, rel=1e-3, abs=1e-12)
