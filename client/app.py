@@ -26,7 +26,7 @@ def run_job(job: Job, downlink: dict[str, torch.Tensor]) -> RecordDict:
     """Train as the job says and package the reply: the trained factors (B alone when A is
     frozen), the head, the example count and metrics, and the updated ledger."""
     model = job.model_spec()
-    session = model_session(model, job.alpha)
+    session = model_session(model, job.alpha, job.train["device"])
     data = data_session(job.data_spec(), model)
     start = adapter_from_tensors(downlink, job.scalings)
     ledger = PrivacyLedger.from_dict(job.ledger) if job.ledger is not None else None

@@ -42,14 +42,6 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FedlrError("device cuda requested but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
-
-
 @dataclass(frozen=True)
 class DPPlan:
     """What one round of DP-SGD will run with, fixed before the first step."""

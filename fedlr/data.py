@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,13 +267,3 @@ def partition(dataset: Any, num_clients: int, scheme: str, seed: int = 0) -> lis
         )
     return shards
 
-
-def label_counts(dataset: Any, num_labels: int) -> list[int]:
-    counts = [0] * num_labels
-    for label in dataset["label"]:
-        counts[label] += 1
-    return counts
-
-
-def texts_of(dataset: Any) -> Sequence[str]:
-    return dataset["text"]

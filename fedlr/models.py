@@ -185,6 +185,15 @@ def load_base_model(spec: ModelSpec, tokenizer: Any) -> torch.nn.Module:
     return model
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
 def default_targets(model: torch.nn.Module) -> tuple[str, ...]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGETS:

@@ -13,7 +13,14 @@ from typing import Any
 
 from fedlr.batches import Encoded, encode
 from fedlr.data import TextData, load_data, partition
-from fedlr.models import LoraHost, ModelSpec, default_targets, load_base_model, load_tokenizer
+from fedlr.models import (
+    LoraHost,
+    ModelSpec,
+    default_targets,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,10 @@ def tokenizer_for(spec: ModelSpec) -> Any:
 
 
 @functools.lru_cache(maxsize=2)
-def model_session(spec: ModelSpec, alpha: float) -> ModelSession:
+def model_session(spec: ModelSpec, alpha: float, device: str = "auto") -> ModelSession:
+    """The base goes to its device before any adapter or DP hook is attached (opacus#820)."""
     tokenizer = tokenizer_for(spec)
-    base = load_base_model(spec, tokenizer)
+    base = load_base_model(spec, tokenizer).to(resolve_device(device))
     targets = spec.targets or default_targets(base)
     return ModelSession(spec, tokenizer, LoraHost(base, spec.task, targets, alpha=alpha))
 

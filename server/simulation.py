@@ -25,6 +25,13 @@ from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import GlobalState
 
 
+def gpu_share() -> float:
+    """Each of the os.cpu_count() workers gets an equal slice of one GPU, when there is one."""
+    import torch
+
+    return 1.0 / (os.cpu_count() or 1) if torch.cuda.is_available() else 0.0
+
+
 def base_model_name(model: str) -> str:
     """What the PEFT export names as its base: the resolved directory, or the preset for `tiny`
     (random weights, rebuilt from fedlr's config and the run's seed)."""
@@ -106,7 +113,8 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
             client_app=client_app,
             num_supernodes=config.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                # one CPU per virtual client; with a GPU, the workers share it
+                "client_resources": {"num_cpus": 1, "num_gpus": gpu_share()},
                 "init_args": {
                     "num_cpus": os.cpu_count() or 1,
                     "include_dashboard": False,

@@ -16,7 +16,7 @@ from fedlr.client.training import LocalTrainer
 from fedlr.config import DPConfig, TrainConfig
 from fedlr.data import PartitionScheme, load_data, partition
 from fedlr.errors import ConfigError, FedlrError
-from fedlr.models import LoraHost, ModelSpec, load_base_model, load_tokenizer
+from fedlr.models import LoraHost, ModelSpec, load_base_model, load_tokenizer, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,9 @@ def test_bad_models_give_one_line_errors(monkeypatch, tmp_path):
     host = LoraHost(base, "classification", ["q_proj"])
     for rank in (0, -2):
         assert "positive integer" in one_line_error(ConfigError, host.model, rank)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        assert "no CUDA device" in one_line_error(ConfigError, resolve_device, "cuda")
 
 
 def test_bad_training_settings_fail_before_any_work():
