@@ -232,6 +232,31 @@ def simulate(
     run(settings, client_app, resume=resume, console=console)
 
 
+@app.command()
+def certs(
+    folder: Annotated[Path, typer.Argument(help="New folder for the keys and certificates.")],
+    hosts: Annotated[
+        str, typer.Option(help="Server names and IP addresses, comma-separated.")
+    ] = "localhost,127.0.0.1",
+    nodes: Annotated[int, typer.Option(min=0, help="Node key pairs: node1, node2, ...")] = 2,
+    days: Annotated[int, typer.Option(min=1, help="Certificate lifetime in days.")] = 365,
+) -> None:
+    """Create a CA, a TLS certificate for the server and OpenSSH key pairs for the nodes."""
+    from fedlr.certs import create
+
+    names = [f"node{i}" for i in range(1, nodes + 1)]
+    made = create(folder, [h.strip() for h in hosts.split(",") if h.strip()], names, days)
+    table = Table(title=f"key material in {folder}")
+    table.add_column("file")
+    table.add_column("for")
+    table.add_row(str(made.ca_cert), "every node (--root-certificates) and the server")
+    table.add_row(f"{made.server_cert}, {made.server_key}", "the server only")
+    for name, (key, pub) in made.node_keys.items():
+        table.add_row(f"{key}, {pub}", f"{name}: private key stays on it; register the .pub")
+    console.print(table)
+    console.print("ca.key signs certificates: keep it offline.")
+
+
 def main() -> None:
     """Entry point: run the app, turning fedlr's own errors into one clear line."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' notices to developers

@@ -11,7 +11,7 @@ import torch
 
 from fedlr.adapters import Adapter, LoraFactors, save_adapter
 
-COMMANDS = [[], ["demo"], ["inspect"], ["simulate"]]
+COMMANDS = [[], ["demo"], ["inspect"], ["simulate"], ["certs"]]
 
 
 def fedlr(*args: str) -> subprocess.CompletedProcess:
@@ -88,3 +88,16 @@ def test_inspect_shows_modules_and_meta(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "layer.q" in result.stdout and "num_examples" in result.stdout
     assert f"{float(f.delta().norm()):.4g}" in result.stdout
+
+
+def test_certs_writes_a_ca_server_certificate_and_node_keys_once(tmp_path):
+    folder = tmp_path / "keys"
+    made = fedlr("certs", str(folder), "--hosts", "fl.example.org,10.0.0.5", "--nodes", "3")
+    assert made.returncode == 0, made.stderr
+    expected = {"ca.crt", "ca.key", "server.pem", "server.key"} | {
+        f"node{i}{ext}" for i in (1, 2, 3) for ext in ("", ".pub")
+    }
+    assert {p.name for p in folder.iterdir()} == expected
+    again = fedlr("certs", str(folder))
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
