@@ -257,6 +257,56 @@ def certs(
     console.print("ca.key signs certificates: keep it offline.")
 
 
+@app.command()
+def server(
+    certs: Annotated[Path | None, typer.Option(help="Folder made by `fedlr certs`.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port of the SuperLink's API.")] = 8000,
+    database: Annotated[Path, typer.Option(help="SuperLink state, kept across restarts.")] = Path(
+        "superlink.db"
+    ),
+    insecure: Annotated[bool, typer.Option(help="Plain text, no node auth: tests only.")] = False,
+) -> None:
+    """Start the coordinator's Flower SuperLink: TLS and node authentication unless --insecure."""
+    from fedlr.server.launch import INSECURE_WARNING, superlink_argv
+
+    argv = superlink_argv(certs, host=host, port=port, database=database, insecure=insecure)
+    if insecure:
+        Console(stderr=True).print(f"[bold red]{INSECURE_WARNING}[/]")
+    _exec(argv)
+
+
+@app.command()
+def client(
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the server.")],
+    partition_id: Annotated[int, typer.Option(help="This client's share of the data.")],
+    num_partitions: Annotated[int, typer.Option(help="Number of clients sharing the data.")],
+    ca: Annotated[Path | None, typer.Option(help="The CA certificate (ca.crt).")] = None,
+    key: Annotated[Path | None, typer.Option(help="This node's private key (nodeK).")] = None,
+    port: Annotated[int, typer.Option(help="Local port of the SuperNode's API.")] = 9094,
+    insecure: Annotated[bool, typer.Option(help="Plain text: tests only.")] = False,
+) -> None:
+    """Start a Flower SuperNode for this machine; it trains on CUDA when present."""
+    from fedlr.client.launch import supernode_argv
+
+    _exec(supernode_argv(superlink, ca=ca, key=key, partition_id=partition_id,
+                         num_partitions=num_partitions, port=port, insecure=insecure))
+
+
+def _exec(argv: list[str]) -> None:
+    """Replace this process with Flower's, found next to this Python (or on PATH)."""
+    import os
+    import shutil
+
+    local = Path(sys.executable).parent / argv[0]
+    program = str(local) if local.is_file() else shutil.which(argv[0])
+    if program is None:
+        raise FedlrError(f"{argv[0]} not found; install flwr in this environment")
+    console.print(" ".join(argv), highlight=False)
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.execv(program, [program, *argv[1:]])
+
+
 def main() -> None:
     """Entry point: run the app, turning fedlr's own errors into one clear line."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' notices to developers

@@ -11,7 +11,7 @@ import torch
 
 from fedlr.adapters import Adapter, LoraFactors, save_adapter
 
-COMMANDS = [[], ["demo"], ["inspect"], ["simulate"], ["certs"]]
+COMMANDS = [[], ["demo"], ["inspect"], ["simulate"], ["certs"], ["server"], ["client"]]
 
 
 def fedlr(*args: str) -> subprocess.CompletedProcess:
