@@ -1,5 +1,6 @@
 """A real deployment on loopback: `fedlr server` (TLS + node authentication), three `fedlr client`
-SuperNodes with registered keys, and `flwr run`; the result equals `fedlr simulate`'s."""
+SuperNodes with registered keys (an unregistered one is refused), and `flwr run`; the result
+equals `fedlr simulate`'s."""
 
 from __future__ import annotations
 
@@ -84,6 +85,14 @@ def test_a_tls_deployment_gives_the_same_adapter_as_the_simulation(tmp_path, pro
         spawn("client", "--superlink", f"127.0.0.1:{port}", "--ca", str(keys.ca_cert),
               "--key", str(private), "--partition-id", str(k), "--num-partitions", "3",
               "--port", str(free_port()), log=f"client{k}.log")
+
+    # a node whose key was never registered is refused and stops
+    stranger = create(tmp_path / "stranger", ["localhost"], ["node9"]).node_keys["node9"][0]
+    rogue = spawn("client", "--superlink", f"127.0.0.1:{port}", "--ca", str(keys.ca_cert),
+                  "--key", str(stranger), "--partition-id", "0", "--num-partitions", "3",
+                  "--port", str(free_port()), log="rogue.log")
+    assert rogue.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
 
     out = tmp_path / "deployed"
     flags = " ".join(f"{k.replace('_', '-')}={v!r}" if isinstance(v, str) else
