@@ -50,15 +50,18 @@ class TreeRSS:
             time.sleep(0.2)
 
 
-def settings(args: argparse.Namespace) -> list[str]:
-    return ["--model", "tiny", "--strategy", "ffa", "--num-clients", str(args.clients),
-            "--rounds", str(args.rounds), "--ranks", "4,8", "--local-steps",
-            str(args.local_steps), "--batch-size", "8", "--seed", "0"]
+def settings(args: argparse.Namespace) -> dict:
+    """The run both sides perform, as `fedlr.simconfig.SimulationConfig` fields."""
+    return {"model": "tiny", "strategy": "ffa", "num_clients": args.clients, "rounds": args.rounds,
+            "ranks": [4, 8], "local_steps": args.local_steps, "batch_size": 8, "seed": 0}
 
 
 def run_simulation(args: argparse.Namespace, out: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    cmd = [sys.executable, "-m", "fedlr.cli", "simulate", *settings(args), "--out", str(out)]
+    config = out.parent / "simulation.toml"  # JSON scalars and lists are valid TOML values
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings(args).items()))
+    cmd = [sys.executable, "-m", "fedlr.cli", "simulate", "--config", str(config),
+           "--out", str(out)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
@@ -78,13 +81,7 @@ def plain_loop(args: argparse.Namespace) -> dict:
     from fedlr.server.coordinator import Federation
     from fedlr.simconfig import SimulationConfig
 
-    flags = settings(args)
-    overrides = {flags[i].lstrip("-").replace("-", "_"): flags[i + 1]
-                 for i in range(0, len(flags), 2)}
-    overrides = {k: (int(v) if v.isdigit() else v) for k, v in overrides.items()}
-    overrides["ranks"] = [4, 8]
-    overrides.pop("rank", None)
-    config = SimulationConfig.load(None, overrides)
+    config = SimulationConfig.load(None, settings(args))
     fed = Federation.build(config)
     trainer = LocalTrainer(fed.model.host, config.train_config())
     state = fed.strategy.init_state(fed.model.host.initial_head)
@@ -126,9 +123,7 @@ def main() -> None:
     client_rounds = args.clients * args.rounds
     result = {
         "benchmark": "simulation",
-        "settings": {"model": "tiny", "strategy": "ffa", "clients": args.clients,
-                     "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": 8,
-                     "ranks": [4, 8]},
+        "settings": settings(args),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "memory_gb": psutil.virtual_memory().total / 2**30},
         "simulation": {**simulated,

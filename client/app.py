@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedlr.adapters import adapter_from_tensors
 from fedlr.client.training import LocalTrainer
-from fedlr.payload import Job
+from fedlr.payload import Job, adapter_payload
 from fedlr.privacy import BudgetExhaustedError, PrivacyLedger
 from fedlr.session import data_session, model_session
 
@@ -43,14 +43,12 @@ def run_job(job: Job, downlink: dict[str, torch.Tensor]) -> RecordDict:
         ledger=ledger,
         seed=job.seed,
     )
-    flat = {
-        key: t for key, t in result.adapter.tensors().items()
-        if job.train_a or not key.startswith("lora_A::")
-    }
+    trained, scalings = adapter_payload(result.adapter)
+    flat = {k: t for k, t in trained.items() if job.train_a or not k.startswith("lora_A::")}
     numbers = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
     info = {
         "client_id": job.client_id,
-        "scalings": json.dumps({n: f.scaling for n, f in result.adapter.lora.items()}),
+        "scalings": json.dumps(scalings),
         "ledger": json.dumps(ledger.to_dict()) if ledger is not None else "",
         "grad_sample_mode": str(result.metrics.get("grad_sample_mode", "")),
     }

@@ -187,10 +187,16 @@ def load_data(source: str = BUILTIN, task: str = "classification") -> TextData:
         raise ConfigError(f"data path {path} is a directory; give a .jsonl, .csv or .txt file")
     if path.exists():
         return load_file(path, task)
-    looks_like_file = path.suffix.lower() in (".jsonl", ".json", ".csv", ".txt")
-    if looks_like_file or source.startswith((".", "/", "~")):
+    if names_a_file(source):
         raise ConfigError(f"data file not found: {source}")
     return load_hub(source, task)
+
+
+def names_a_file(source: str) -> bool:
+    """Whether a data source that is not the built-in task means a local file (not a hub name)."""
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (
+        ".jsonl", ".json", ".csv", ".txt",
+    )
 
 
 # --- partitioning ----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def _offline() -> bool:
 
 def resolve_source(name: str) -> str:
     """A directory or hub id transformers can load; presets and missing paths resolved here."""
-    if name in ("minilm", "tiny"):  # tiny borrows MiniLM's tokenizer; its weights are random
+    if name in PRESETS:  # tiny borrows MiniLM's tokenizer; its weights are random
         return str(minilm_path())
     path = Path(name).expanduser()
     if path.exists():

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlr.config import DPConfig, TrainConfig
-from fedlr.data import BUILTIN, PartitionScheme
+from fedlr.data import BUILTIN, PartitionScheme, names_a_file
 from fedlr.errors import ConfigError
-from fedlr.models import PRESETS, TASKS, ModelSpec
+from fedlr.models import TASKS, ModelSpec, resolve_source
 from fedlr.strategies import STRATEGIES
 from fedlr.strategies.base import HEAD_MODES, HETERO_METHODS
 
@@ -112,19 +112,11 @@ class SimulationConfig:
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ConfigError(f"max_update_norm must be positive, got {self.max_update_norm!r}")
         PartitionScheme.parse(self.partition)
-        self._check_path("model", self.model, PRESETS)
-        self._check_path("dataset", self.dataset, (BUILTIN,))
+        resolve_source(self.model)  # the loader's own rules: a missing path fails here
+        if (self.dataset != BUILTIN and names_a_file(self.dataset)
+                and not Path(self.dataset).expanduser().exists()):
+            raise ConfigError(f"dataset path not found: {self.dataset}")
         self.train_config()  # TrainConfig and DPConfig validate themselves
-
-    @staticmethod
-    def _check_path(what: str, value: str, builtin: tuple[str, ...]) -> None:
-        if value in builtin:
-            return
-        looks_local = value.startswith((".", "/", "~")) or Path(value).suffix in (
-            ".jsonl", ".json", ".csv", ".txt",
-        )
-        if looks_local and not Path(value).expanduser().exists():
-            raise ConfigError(f"{what} path not found: {value}")
 
     # -- derived settings ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ FLoRA base updates, privacy ledgers), validation with reasons, and resume from a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -22,7 +23,7 @@ from fedlr.adapters import Adapter, LoraFactors, adapter_from_tensors, load_into
 from fedlr.errors import FedlrError, RoundFailedError
 from fedlr.evaluation import evaluate
 from fedlr.payload import Job, adapter_payload, job_settings
-from fedlr.privacy import PrivacyLedger
+from fedlr.privacy import PrivacyLedger, opacus_epsilon
 from fedlr.rounds import Rejection, aggregate_round
 from fedlr.server.rundir import RunDir, write_json
 from fedlr.session import DataSession, DataSpec, ModelSession, data_session, data_source
@@ -34,6 +35,12 @@ from fedlr.strategies.flora import FLoRA
 from fedlr.validation import ValidationPolicy
 
 NODE_WAIT_SECONDS = 120.0
+
+
+@functools.lru_cache(maxsize=4096)
+def history_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
+                    accountant: str) -> float:
+    return opacus_epsilon(history, delta, accountant)
 
 
 @dataclass
@@ -75,12 +82,6 @@ class Federation:
 
 
 @dataclass
-class RoundOutcome:
-    record: dict[str, Any]
-    state: GlobalState
-
-
-@dataclass
 class Coordinator:
     fed: Federation
     run: RunDir
@@ -111,7 +112,7 @@ class Coordinator:
         state = self.initial(resume)
         nodes = self.wait_for_nodes(grid)
         for round_ in range(state.round + 1, self.fed.config.rounds + 1):
-            state = self.round(grid, nodes, state, round_).state
+            state = self.round(grid, nodes, state, round_)
         return state
 
     def wait_for_nodes(self, grid: Grid) -> dict[str, int]:
@@ -154,7 +155,7 @@ class Coordinator:
         )
 
     def round(self, grid: Grid, nodes: dict[str, int], state: GlobalState, round_: int
-              ) -> RoundOutcome:
+              ) -> GlobalState:
         started = time.perf_counter()
         strategy = self.fed.strategy
         clients = self.sample(round_)
@@ -206,14 +207,15 @@ class Coordinator:
                 if update.client_id in accepted:
                     self.run.save_client(round_, update.client_id, update.adapter)
         evaluation = self.evaluate(new_state)
-        record = self.record(round_, clients, accepted, rejected, metrics, evaluation,
+        epsilons = self.epsilons()
+        record = self.record(round_, clients, accepted, rejected, metrics, evaluation, epsilons,
                              result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
         self.run.append_metrics(record)
-        self.write_privacy()
+        self.write_privacy(epsilons)
         self.checkpoint(new_state)
         self.on_round(record)
-        return RoundOutcome(record, new_state)
+        return new_state
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -269,8 +271,17 @@ class Coordinator:
     def evaluate(self, state: GlobalState) -> dict[str, float]:
         return evaluate(self.eval_model(state), self.fed.data.heldout, self.fed.config.task)
 
-    def record(self, round_, clients, accepted, rejected, metrics, evaluation, residual,
-               residual_max, bytes_up, bytes_down, seconds) -> dict[str, Any]:
+    def epsilons(self) -> dict[str, float]:
+        """Each client's epsilon so far, computed once per round (and only for histories that
+        changed): the PRV accountant is the costly part of a round with hundreds of clients."""
+        dp = self.fed.config.dp_config()
+        if dp is None:
+            return {}
+        return {c: history_epsilon(tuple(led.history), dp.delta, led.accountant)
+                for c, led in self.ledgers.items()}
+
+    def record(self, round_, clients, accepted, rejected, metrics, evaluation, epsilons,
+               residual, residual_max, bytes_up, bytes_down, seconds) -> dict[str, Any]:
         weights = [m.get("num-examples", 0.0) for m in metrics]
         losses = [m.get("train_loss", math.nan) for m in metrics]
         total = sum(weights)
@@ -293,12 +304,11 @@ class Coordinator:
             record["eval_accuracy"] = evaluation["accuracy"]
         if "perplexity" in evaluation:
             record["eval_perplexity"] = evaluation["perplexity"]
-        dp = self.fed.config.dp_config()
-        if dp is not None and self.ledgers:
-            record["epsilon_max"] = max(led.epsilon(dp.delta) for led in self.ledgers.values())
+        if epsilons:
+            record["epsilon_max"] = max(epsilons.values())
         return record
 
-    def write_privacy(self) -> None:
+    def write_privacy(self, epsilons: dict[str, float]) -> None:
         dp = self.fed.config.dp_config()
         if dp is None:
             return
@@ -311,7 +321,7 @@ class Coordinator:
                 "sample_rate": q,
                 "steps": ledger.steps,
                 "rounds": ledger.rounds,
-                "epsilon": ledger.epsilon(dp.delta),
+                "epsilon": epsilons[client],
                 "history": [list(s) for s in ledger.history],
             }
         eps = [c["epsilon"] for c in clients.values()]

@@ -28,19 +28,45 @@ def single_gradients(model, host, data, indices, params):
     return out
 
 
-def engine(model, params, mode, sigma, clip, batch, lr=1.0, seed=0):
+def norm(tensors) -> float:
+    return math.sqrt(sum(float((t**2).sum()) for t in tensors))
+
+
+def trainable(task: str = "classification"):
+    """The tiny model in training mode with a random, non-zero adapter, and what it trains."""
+    host, data = tiny_host(task)
+    model = randomize_adapter(host, RANK)
+    model.train()
+    return host, data, model, [p for p in model.parameters() if p.requires_grad]
+
+
+def engine(model, params, mode, sigma, clip, batch, seed=0):
+    """Opacus DP-SGD as the trainer wires it, over plain SGD with lr 1 (update = -gradient)."""
     plan = DPPlan(sigma, clip, sample_rate=0.5, steps=1, mode=mode)
-    optimizer = torch.optim.SGD(params, lr=lr)
+    optimizer = torch.optim.SGD(params, lr=1.0)
     return OpacusEngine(model, optimizer, plan, torch.Generator().manual_seed(seed), batch)
+
+
+def dp_steps(model, params, mode, *, sigma, clip, batch, losses, seed=0):
+    """One DP step per loss function, on one engine; each step's change of every tensor."""
+    eng = engine(model, params, mode, sigma, clip, batch, seed)
+    changes = []
+    try:
+        for loss in losses:
+            before = [p.detach().clone() for p in params]
+            eng.zero_grad()
+            eng.backward(loss())
+            eng.step()
+            changes.append([p.detach() - b for p, b in zip(params, before, strict=True)])
+    finally:
+        eng.close()
+    return changes
 
 
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("mode", MODES)
 def test_per_sample_gradients_match_single_example_passes(task, mode):
-    host, data = tiny_host(task)
-    model = randomize_adapter(host, RANK)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    host, data, model, params = trainable(task)
     indices = list(range(6))  # different lengths: padding must not leak into any gradient
     reference = single_gradients(model, host, data, indices, params)
     ref_norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in gs)) for gs in reference])
@@ -63,76 +89,49 @@ def test_per_sample_gradients_match_single_example_passes(task, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_clipped_step_equals_reference_and_respects_bound(mode):
-    host, data = tiny_host()
-    model = randomize_adapter(host, RANK)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    host, data, model, params = trainable()
     indices = list(range(8))
     reference = single_gradients(model, host, data, indices, params)
-    norms = [math.sqrt(sum(float((g**2).sum()) for g in gs)) for gs in reference]
+    norms = [norm(gs) for gs in reference]
     clip = 0.5 * min(norms)  # every example is clipped
     expected = [
-        -sum(gs[j] * min(1.0, clip / (norm + 1e-6)) for gs, norm in zip(reference, norms,
-                                                                       strict=True)) / len(indices)
+        -sum(gs[j] * min(1.0, clip / (n + 1e-6)) for gs, n in zip(reference, norms, strict=True))
+        / len(indices)
         for j in range(len(params))
     ]
-    before = [p.detach().clone() for p in params]
-    eng = engine(model, params, mode, sigma=0.0, clip=clip, batch=len(indices))
-    try:
-        eng.zero_grad()
-        eng.backward(per_example_loss(model, data.batch(indices), host.task))
-        eng.step()
-    finally:
-        eng.close()
-    deltas = [p.detach() - b for p, b in zip(params, before, strict=True)]
+    (deltas,) = dp_steps(
+        model, params, mode, sigma=0.0, clip=clip, batch=len(indices),
+        losses=[lambda: per_example_loss(model, data.batch(indices), host.task)],
+    )
     for d, e in zip(deltas, expected, strict=True):
         torch.testing.assert_close(d, e, rtol=1e-4, atol=1e-7)
     # the averaged clipped gradient is a mean of vectors of norm <= C
-    total = math.sqrt(sum(float((d**2).sum()) for d in deltas))
-    assert total <= clip * (1 + 1e-5)
+    assert norm(deltas) <= clip * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_single_example_is_clipped_to_exactly_c(mode):
-    host, data = tiny_host()
-    model = randomize_adapter(host, RANK)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    host, data, model, params = trainable()
     (reference,) = single_gradients(model, host, data, [3], params)
-    norm = math.sqrt(sum(float((g**2).sum()) for g in reference))
-    clip = norm / 3
-    before = [p.detach().clone() for p in params]
-    eng = engine(model, params, mode, sigma=0.0, clip=clip, batch=1)
-    try:
-        eng.zero_grad()
-        eng.backward(per_example_loss(model, data.batch([3]), host.task))
-        eng.step()
-    finally:
-        eng.close()
-    step = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(params, before,
-                                                                            strict=True)))
-    assert step == pytest.approx(clip, rel=1e-4)
+    clip = norm(reference) / 3
+    (deltas,) = dp_steps(
+        model, params, mode, sigma=0.0, clip=clip, batch=1,
+        losses=[lambda: per_example_loss(model, data.batch([3]), host.task)],
+    )
+    assert norm(deltas) == pytest.approx(clip, rel=1e-4)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_noise_has_the_calibrated_standard_deviation_and_is_fresh_each_step(mode):
-    host, data = tiny_host()
-    model = randomize_adapter(host, RANK)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    host, data, model, params = trainable()
     sigma, clip, batch = 2.0, 0.5, 4
-    eng = engine(model, params, mode, sigma=sigma, clip=clip, batch=batch, seed=7)
-    steps = []
-    try:
-        for _ in range(2):
-            before = torch.cat([p.detach().flatten().clone() for p in params])
-            eng.zero_grad()
-            # zero loss: every per-sample gradient is 0, so the update is the noise alone
-            eng.backward(per_example_loss(model, data.batch(range(batch)), host.task) * 0.0)
-            eng.step()
-            steps.append(before - torch.cat([p.detach().flatten() for p in params]))
-    finally:
-        eng.close()
+
+    def zero_loss():  # every per-sample gradient is 0, so the update is the noise alone
+        return per_example_loss(model, data.batch(range(batch)), host.task) * 0.0
+
+    changes = dp_steps(model, params, mode, sigma=sigma, clip=clip, batch=batch,
+                       losses=[zero_loss, zero_loss], seed=7)
+    steps = [-torch.cat([d.flatten() for d in deltas]) for deltas in changes]
     expected_std = sigma * clip / batch
     for noise in steps:
         n = noise.numel()
