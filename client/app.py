@@ -15,19 +15,26 @@ from flwr.clientapp import ClientApp
 
 from fedlr.adapters import adapter_from_tensors
 from fedlr.client.training import LocalTrainer
+from fedlr.errors import FedlrError
 from fedlr.payload import Job, adapter_payload
-from fedlr.privacy import BudgetExhaustedError, PrivacyLedger
-from fedlr.session import data_session, model_session
+from fedlr.privacy import PrivacyLedger
+from fedlr.session import data_session, local_shard, model_session
 
 app = ClientApp()
 
 
-def run_job(job: Job, downlink: dict[str, torch.Tensor]) -> RecordDict:
-    """Train as the job says and package the reply: the trained factors (B alone when A is
-    frozen), the head, the example count and metrics, and the updated ledger."""
+def run_job(job: Job, downlink: dict[str, torch.Tensor], local_data: str | None = None
+            ) -> RecordDict:
+    """Train as the job says, on this node's own file if it has one (else on its partition of
+    the run's dataset), and package the reply: the trained factors (B alone when A is frozen),
+    the head, the example count and metrics, and the updated ledger."""
     model = job.model_spec()
     session = model_session(model, job.alpha, job.train["device"])
-    data = data_session(job.data_spec(), model)
+    spec = job.data_spec()
+    if local_data:
+        examples = local_shard(local_data, spec.task, tuple(job.labels), model, spec.max_length)
+    else:
+        examples = data_session(spec, model).shard(int(job.client_id))
     start = adapter_from_tensors(downlink, job.scalings)
     ledger = PrivacyLedger.from_dict(job.ledger) if job.ledger is not None else None
     config = job.train_config()
@@ -36,7 +43,7 @@ def run_job(job: Job, downlink: dict[str, torch.Tensor]) -> RecordDict:
     result = LocalTrainer(session.host, config).train(
         job.client_id,
         start,
-        data.shard(int(job.client_id)),
+        examples,
         rank=job.rank,
         train_a=job.train_a,
         train_head=job.train_head,
@@ -66,8 +73,21 @@ def train(msg: Message, context: Context) -> Message:
     job = Job.from_json(str(msg.content["config"]["job"]))
     downlink = msg.content["adapter"].to_torch_state_dict()
     try:
-        content = run_job(job, downlink)
-    except BudgetExhaustedError as exc:  # a refusal, not a crash: the server logs the reason
+        content = run_job(job, downlink, context.node_config.get("data-path"))
+    except FedlrError as exc:  # a refusal (budget, bad local data): the server logs the reason
         content = RecordDict({"info": ConfigRecord({"client_id": job.client_id,
                                                     "refused": str(exc)})})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which client this node is (its partition id, set when it was started) and its device."""
+    node = context.node_config
+    identity = ConfigRecord({
+        "partition-id": int(node["partition-id"]),
+        "num-partitions": int(node["num-partitions"]),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "data": str(node.get("data-path", "its partition of the run's dataset")),
+    })
+    return Message(content=RecordDict({"identity": identity}), reply_to=msg)

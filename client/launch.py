@@ -10,17 +10,25 @@ from fedlr.errors import ConfigError
 
 def supernode_argv(
     superlink: str, *, ca: Path | None, key: Path | None, partition_id: int,
-    num_partitions: int, port: int, insecure: bool,
+    num_partitions: int, port: int, insecure: bool, give_up_after: float | None = None,
+    data: Path | None = None,
 ) -> list[str]:
-    """The flower-supernode command line for one client of the federation."""
+    """The flower-supernode command line for one client of the federation. It reconnects after
+    a lost connection (a server restart) forever, or for `give_up_after` seconds."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
             f"partition id {partition_id} must be in [0, {num_partitions}); it selects this "
             "client's share of the data"
         )
-    argv = ["flower-supernode", "--superlink", superlink, "--node-config",
-            f"partition-id={partition_id} num-partitions={num_partitions}",
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if data is not None:  # this machine's own examples, used instead of the run's dataset
+        if not data.is_file():
+            raise ConfigError(f"--data file not found: {data}")
+        node_config += f' data-path="{data.resolve()}"'
+    argv = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
             "--port", str(port)]
+    if give_up_after is not None:
+        argv += ["--max-wait-time", str(give_up_after)]
     if insecure:
         return [*argv, "--insecure"]
     for what, path in (("--ca", ca), ("--key", key)):

@@ -194,6 +194,15 @@ def simulate(
         float | None, typer.Option(help="Solve sigma for this epsilon over the planned run.")
     ] = None,
     delta: Annotated[float | None, typer.Option(help="DP delta.")] = None,
+    client_noise: Annotated[
+        float | None, typer.Option(help="Client-level DP (DP-FedAvg): noise multiplier z.")
+    ] = None,
+    client_clip: Annotated[
+        float | None, typer.Option(help="Client-level DP: L2 bound S on each client's update.")
+    ] = None,
+    client_sampling: Annotated[
+        str | None, typer.Option(help="Client-level DP: poisson or fixed client sampling.")
+    ] = None,
     export_rank: Annotated[
         int | None, typer.Option(help="flora: compress the exported adapter to this rank.")
     ] = None,
@@ -222,6 +231,8 @@ def simulate(
         "dataset": dataset, "partition": partition, "local_steps": local_steps,
         "batch_size": batch_size, "lr": lr, "noise_multiplier": noise_multiplier,
         "max_grad_norm": max_grad_norm, "target_epsilon": target_epsilon, "delta": delta,
+        "client_noise_multiplier": client_noise, "client_clip_norm": client_clip,
+        "client_sampling": client_sampling,
         "export_rank": export_rank, "seed": seed, "out": out,
         "save_client_updates": save_client_updates,
         "ranks": [rank] if rank is not None else (
@@ -284,13 +295,22 @@ def client(
     ca: Annotated[Path | None, typer.Option(help="The CA certificate (ca.crt).")] = None,
     key: Annotated[Path | None, typer.Option(help="This node's private key (nodeK).")] = None,
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's API.")] = 9094,
+    data: Annotated[
+        Path | None, typer.Option(help="This machine's own .jsonl/.csv/.txt examples (default: "
+                                       "its partition of the run's dataset).")
+    ] = None,
+    give_up_after: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without the server "
+                                        "(default: keep reconnecting).")
+    ] = None,
     insecure: Annotated[bool, typer.Option(help="Plain text: tests only.")] = False,
 ) -> None:
     """Start a Flower SuperNode for this machine; it trains on CUDA when present."""
     from fedlr.client.launch import supernode_argv
 
     _exec(supernode_argv(superlink, ca=ca, key=key, partition_id=partition_id,
-                         num_partitions=num_partitions, port=port, insecure=insecure))
+                         num_partitions=num_partitions, port=port, insecure=insecure,
+                         give_up_after=give_up_after, data=data))
 
 
 def _exec(argv: list[str]) -> None:
@@ -304,6 +324,8 @@ def _exec(argv: list[str]) -> None:
         raise FedlrError(f"{argv[0]} not found; install flwr in this environment")
     console.print(" ".join(argv), highlight=False)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # Flower starts its own helpers (flower-superexec) by name: find them in this environment
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.execv(program, [program, *argv[1:]])
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,33 @@ def _columns(path: Path, rows: list[dict[str, Any]], task: str) -> tuple[list[st
 
 
 def load_file(path: Path, task: str) -> TextData:
+    return _labelled(str(path), task, *read_file(path, task))
+
+
+def load_local(source: str, task: str, label_names: Sequence[str]) -> Any:
+    """A client's own examples (all of them, in file order) with labels mapped to the run's ids,
+    so its classes mean what they mean on every other client and on the server."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"this client's data file is not found: {source}")
+    texts, labels = read_file(path, task)
+    if not texts:
+        raise ConfigError(f"{path}: no examples found")
+    rows: dict[str, list[Any]] = {"text": texts}
+    if labels is not None:
+        index = {name: i for i, name in enumerate(label_names)}
+        unknown = sorted({str(x) for x in labels} - set(index))
+        if unknown:
+            raise ConfigError(
+                f"{path}: labels {unknown[:5]} are not among the run's labels "
+                f"{list(label_names)}; relabel them or leave those examples out"
+            )
+        rows["label"] = [index[str(x)] for x in labels]
+    return _dataset(rows)
+
+
+def read_file(path: Path, task: str) -> tuple[list[str], list[Any] | None]:
+    """Texts (and labels, for classification) of a .jsonl, .csv or .txt file."""
     if not os.access(path, os.R_OK):
         raise ConfigError(f"data file is not readable: {path}")
     suffix = path.suffix.lower()
@@ -141,7 +169,7 @@ def load_file(path: Path, task: str) -> TextData:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read data file {path}: {exc.strerror}") from None
-    return _labelled(str(path), task, texts, labels)
+    return texts, labels
 
 
 def load_hub(name: str, task: str) -> TextData:

@@ -35,6 +35,7 @@ class Job:
     dp: dict[str, Any] | None = None
     ledger: dict[str, Any] | None = None
     scalings: dict[str, float] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)  # the run's class names, in id order
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fedlr.adapters import Adapter
@@ -32,11 +32,14 @@ def aggregate_round(
     *,
     sent: Mapping[str, Adapter] | None = None,
     policy: ValidationPolicy | None = None,
+    aggregate: Callable[[GlobalState, list[ClientUpdate]], tuple[GlobalState, AggregationReport]]
+    | None = None,
 ) -> RoundResult:
     """Aggregate the valid updates of a round; `state` is never modified.
 
     `sent` maps each client to the downlink it trained from (recomputed from `state` when absent);
-    it is the reference for the update-norm bound and for strategies that freeze A. Raises
+    it is the reference for the update-norm bound and for strategies that freeze A. `aggregate`
+    replaces `strategy.aggregate` (client-level DP does, after the same validation). Raises
     RoundFailedError, naming every rejection, when fewer than `policy.min_valid_updates` are valid.
     """
     policy = policy or ValidationPolicy()
@@ -64,5 +67,5 @@ def aggregate_round(
             f"round {state.round + 1}: {len(accepted)} valid update(s), at least "
             f"{policy.min_valid_updates} needed; the global state is unchanged ({why})"
         )
-    new_state, report = strategy.aggregate(state, accepted)
+    new_state, report = (aggregate or strategy.aggregate)(state, accepted)
     return RoundResult(new_state, report, [u.client_id for u in accepted], rejected)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlr.batches import Encoded, encode
-from fedlr.data import TextData, load_data, partition
+from fedlr.data import TextData, load_data, load_local, partition
 from fedlr.models import (
     LoraHost,
     ModelSpec,
@@ -89,3 +89,10 @@ def data_session(spec: DataSpec, model: ModelSpec) -> DataSession:
         data, shards, encode(heldout, tokenizer, spec.max_length), tokenizer, spec.max_length
     )
 
+
+
+@functools.lru_cache(maxsize=2)
+def local_shard(path: str, task: str, labels: tuple[str, ...], model: ModelSpec,
+                max_length: int) -> Encoded:
+    """A deployed client's own data file, tokenised once per process."""
+    return encode(load_local(path, task, labels), tokenizer_for(model), max_length)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedlr.client_dp import ClientDPConfig, check_composes
 from fedlr.config import DPConfig, TrainConfig
 from fedlr.data import BUILTIN, PartitionScheme, names_a_file
 from fedlr.errors import ConfigError
@@ -48,8 +49,14 @@ class SimulationConfig:
     delta: float = 1e-5
     accountant: str = "prv"
     grad_sample_mode: str = "auto"
+    client_noise_multiplier: float | None = None  # client-level DP (DP-FedAvg) when set
+    client_clip_norm: float | None = None
+    client_sampling: str = "poisson"
+    client_accountant: str = "rdp"
     max_update_norm: float | None = None
     min_valid_updates: int = 1
+    round_timeout: float | None = None  # seconds; None: until every node answers or goes offline
+    connect_timeout: float = 120.0  # seconds to wait for all clients before round 1
     eval_examples: int = 400
     export_rank: int | None = None
     seed: int = 0
@@ -109,6 +116,10 @@ class SimulationConfig:
             raise ConfigError(f"unknown task {self.task!r}; choose one of {TASKS}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+        for name in ("round_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ConfigError(f"max_update_norm must be positive, got {self.max_update_norm!r}")
         PartitionScheme.parse(self.partition)
@@ -117,6 +128,28 @@ class SimulationConfig:
                 and not Path(self.dataset).expanduser().exists()):
             raise ConfigError(f"dataset path not found: {self.dataset}")
         self.train_config()  # TrainConfig and DPConfig validate themselves
+        self.check_client_dp()
+
+    def check_client_dp(self) -> None:
+        dp = self.client_dp_config()
+        if dp is None:
+            if self.client_clip_norm is not None:
+                raise ConfigError("client_clip_norm is set but client_noise_multiplier is not; "
+                                  "set both for client-level DP, or neither")
+            return
+        dp.validate()
+        check_composes(self.strategy, self.hetero)
+        if self.min_valid_updates != 1:
+            raise ConfigError(
+                "min_valid_updates does not apply under client-level DP: every round is released "
+                "(noise alone if no update arrived), since stopping a round for too few clients "
+                "would depend on who took part; remove it"
+            )
+        if self.save_client_updates:
+            raise ConfigError(
+                "save_client_updates would write every client's un-noised update next to the "
+                "client-level DP run; turn one of them off"
+            )
 
     # -- derived settings ------------------------------------------------------------------------
 
@@ -142,6 +175,20 @@ class SimulationConfig:
             max_epsilon=self.max_epsilon,
             accountant=self.accountant,
             grad_sample_mode=self.grad_sample_mode,
+        )
+
+    def client_dp_config(self) -> ClientDPConfig | None:
+        if self.client_noise_multiplier is None:
+            return None
+        if self.client_clip_norm is None:
+            raise ConfigError("client-level DP needs client_clip_norm (S, the L2 bound on each "
+                              "client's update) next to client_noise_multiplier")
+        return ClientDPConfig(
+            noise_multiplier=self.client_noise_multiplier,
+            clip_norm=self.client_clip_norm,
+            sampling=self.client_sampling,
+            delta=self.delta,
+            accountant=self.client_accountant,
         )
 
     def train_config(self) -> TrainConfig:

@@ -21,7 +21,8 @@ from fedlr.strategies.base import ClientUpdate, Strategy
 @dataclass(frozen=True)
 class ValidationPolicy:
     """`max_update_norm`: bound on ||dW_k - dW_start||_F over all modules and trainable extras
-    (None: no bound). `min_valid_updates`: fewer valid updates than this fail the round."""
+    (None: no bound). `min_valid_updates`: fewer valid updates than this fail the round (0:
+    never, as client-level DP needs: its rounds are released whoever took part)."""
 
     max_update_norm: float | None = None
     min_valid_updates: int = 1
@@ -29,8 +30,8 @@ class ValidationPolicy:
     def __post_init__(self) -> None:
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ConfigError(f"max_update_norm must be > 0, got {self.max_update_norm}")
-        if self.min_valid_updates < 1:
-            raise ConfigError(f"min_valid_updates must be >= 1, got {self.min_valid_updates}")
+        if self.min_valid_updates < 0:
+            raise ConfigError(f"min_valid_updates must be >= 0, got {self.min_valid_updates}")
 
 
 def _shape(t: Tensor) -> str:

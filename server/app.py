@@ -8,6 +8,7 @@ holds scalars only; `resume = true` continues the run in `out`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flwr.app import Context
@@ -32,14 +33,26 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[SimulationConfig
             except ValueError:
                 raise ConfigError(f"{key} must be comma-separated, got {values[key]!r}") from None
     for key in ("clients_per_round", "noise_multiplier", "target_epsilon", "max_epsilon",
-                "export_rank", "max_update_norm", "head", "out"):
+                "export_rank", "max_update_norm", "head", "out", "round_timeout",
+                "client_noise_multiplier", "client_clip_norm"):
         if values.get(key) in ("", "none", "None"):  # a scalar-only config spells "unset" so
             values[key] = None
     return SimulationConfig.load(None, values), resume
 
 
+def show_fedlr_log() -> None:
+    """fedlr's own messages (who is which client, who was left out and why) in the run's log."""
+    log = logging.getLogger("fedlr")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s fedlr: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    show_fedlr_log()
     config, resume = config_from_run_config(dict(context.run_config))
     run, fed = open_run(config, resume)
     coordinator = Coordinator(fed, run)

@@ -9,38 +9,58 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.adapters import Adapter, LoraFactors, adapter_from_tensors, load_into_peft_model
+from fedlr.client_dp import client_level_description, client_level_epsilon, dp_fedavg
 from fedlr.errors import FedlrError, RoundFailedError
 from fedlr.evaluation import evaluate
 from fedlr.payload import Job, adapter_payload, job_settings
 from fedlr.privacy import PrivacyLedger, opacus_epsilon
 from fedlr.rounds import Rejection, aggregate_round
+from fedlr.server.nodes import NodeDirectory
 from fedlr.server.rundir import RunDir, write_json
 from fedlr.session import DataSession, DataSpec, ModelSession, data_session, data_source
 from fedlr.session import model_session as load_model_session
 from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import FederationSpec, GlobalState, Strategy, make_strategy
-from fedlr.strategies.base import ClientUpdate
+from fedlr.strategies.base import AggregationReport, ClientUpdate
 from fedlr.strategies.flora import FLoRA
 from fedlr.validation import ValidationPolicy
 
-NODE_WAIT_SECONDS = 120.0
+log = logging.getLogger("fedlr")
+SECURE_RANDOM = random.SystemRandom()
 
 
 @functools.lru_cache(maxsize=4096)
 def history_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
                     accountant: str) -> float:
     return opacus_epsilon(history, delta, accountant)
+
+
+def sample_clients(config: SimulationConfig, round_: int) -> list[str]:
+    """The round's clients: reproducible from the seed, except under client-level DP, whose
+    amplification by sampling needs a draw nobody can predict (Poisson or fixed-size)."""
+    dp = config.client_dp_config()
+    ids, size = config.client_ids(), config.sampled_per_round
+    if dp is None:
+        chosen = random.Random(f"{config.seed}:{round_}").sample(ids, size)
+    elif dp.sampling == "poisson":
+        chosen = [c for c in ids if SECURE_RANDOM.random() < size / len(ids)]
+    else:
+        chosen = SECURE_RANDOM.sample(ids, size)
+    return sorted(chosen, key=int)
 
 
 @dataclass
@@ -87,6 +107,8 @@ class Coordinator:
     run: RunDir
     on_round: Callable[[dict[str, Any]], None] = lambda record: None
     ledgers: dict[str, PrivacyLedger] = field(default_factory=dict)
+    noise: torch.Generator = field(  # client-level DP noise: seeded from the OS, never the run
+        default_factory=lambda: torch.Generator().manual_seed(secrets.randbits(63)))
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -109,30 +131,14 @@ class Coordinator:
     # -- the loop ------------------------------------------------------------------------------
 
     def run_rounds(self, grid: Grid, resume: bool) -> GlobalState:
-        state = self.initial(resume)
-        nodes = self.wait_for_nodes(grid)
-        for round_ in range(state.round + 1, self.fed.config.rounds + 1):
-            state = self.round(grid, nodes, state, round_)
-        return state
-
-    def wait_for_nodes(self, grid: Grid) -> dict[str, int]:
-        """Client k is the k-th connected node (in node-id order)."""
-        needed = self.fed.config.num_clients
-        deadline = time.monotonic() + NODE_WAIT_SECONDS
-        while True:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= needed:
-                return {str(k): node for k, node in enumerate(nodes[:needed])}
-            if time.monotonic() > deadline:
-                raise FedlrError(f"only {len(nodes)} of {needed} clients connected")
-            time.sleep(1.0)
-
-    def sample(self, round_: int) -> list[str]:
         config = self.fed.config
-        chosen = random.Random(f"{config.seed}:{round_}").sample(
-            config.client_ids(), config.sampled_per_round
-        )
-        return sorted(chosen, key=int)
+        state = self.initial(resume)
+        directory = NodeDirectory(config.num_clients)
+        directory.wait(grid, seconds=config.connect_timeout, at_least=config.min_valid_updates)
+        for round_ in range(state.round + 1, config.rounds + 1):
+            directory.refresh(grid)  # who left, who came back
+            state = self.round(grid, directory.clients, state, round_)
+        return state
 
     def job(self, client: str, round_: int, scalings: dict[str, float]) -> Job:
         config, strategy = self.fed.config, self.fed.strategy
@@ -152,16 +158,18 @@ class Coordinator:
             dp=dp,
             ledger=ledger.to_dict() if ledger is not None else None,
             scalings=scalings,
+            labels=list(self.fed.data.data.label_names),
         )
 
     def round(self, grid: Grid, nodes: dict[str, int], state: GlobalState, round_: int
               ) -> GlobalState:
         started = time.perf_counter()
         strategy = self.fed.strategy
-        clients = self.sample(round_)
-        downlinks = {c: strategy.downlink(state, c) for c in clients}
+        clients = sample_clients(self.fed.config, round_)
+        reachable = [c for c in clients if c in nodes]
+        downlinks = {c: strategy.downlink(state, c) for c in reachable}
         messages, bytes_down = [], 0
-        for client in clients:
+        for client in reachable:
             flat, scalings = adapter_payload(downlinks[client])
             arrays = ArrayRecord(torch_state_dict=flat)
             bytes_down += arrays.count_bytes()
@@ -173,7 +181,7 @@ class Coordinator:
                                     message_type="train"))
         node_client = {node: c for c, node in nodes.items()}
         updates, rejected, metrics, bytes_up = [], [], [], 0
-        for reply in grid.send_and_receive(messages):
+        for reply in grid.send_and_receive(messages, timeout=self.fed.config.round_timeout):
             client = node_client.get(reply.metadata.src_node_id, "?")
             update, reason, numbers, size = self.parse(client, reply, downlinks.get(client))
             bytes_up += size
@@ -183,21 +191,27 @@ class Coordinator:
             updates.append(update)
             metrics.append(numbers)
         answered = {r.client_id for r in rejected} | {u.client_id for u in updates}
-        rejected += [Rejection(c, "no reply (dropped or timed out)") for c in clients
+        rejected += [Rejection(c, "no reply (dropped or timed out)") for c in reachable
                      if c not in answered]
+        rejected += [Rejection(c, "not connected") for c in clients if c not in nodes]
         updates.sort(key=lambda u: int(u.client_id))  # reply order must not change the sums
-        sent = {c: strategy.starting_adapter(state, c) for c in clients}
+        sent = {c: strategy.starting_adapter(state, c) for c in reachable}
+        private = self.fed.config.client_dp_config() is not None
         policy = ValidationPolicy(
             max_update_norm=self.fed.config.max_update_norm,
-            min_valid_updates=self.fed.config.min_valid_updates,
+            min_valid_updates=0 if private else self.fed.config.min_valid_updates,
         )
+        aggregate = functools.partial(self.private_aggregate, sent=sent) if private else None
         try:
-            result = aggregate_round(strategy, state, updates, sent=sent, policy=policy)
+            result = aggregate_round(strategy, state, updates, sent=sent, policy=policy,
+                                     aggregate=aggregate)
         except RoundFailedError as exc:
             raise FedlrError(f"{exc} (plus {len(rejected)} rejected before validation: "
                              + "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) + ")"
                              ) from None
         rejected += result.rejected
+        for r in rejected:
+            log.warning("round %d: client %s left out: %s", round_, r.client_id, r.reason)
         new_state = result.state
         accepted = sorted(result.accepted, key=int)
 
@@ -211,11 +225,30 @@ class Coordinator:
         record = self.record(round_, clients, accepted, rejected, metrics, evaluation, epsilons,
                              result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
+        client_level = self.client_level(round_)
+        if client_level:
+            record["client_epsilon"] = client_level["epsilon"]
         self.run.append_metrics(record)
-        self.write_privacy(epsilons)
+        self.write_privacy(epsilons, client_level)
         self.checkpoint(new_state)
         self.on_round(record)
         return new_state
+
+    def private_aggregate(self, state: GlobalState, accepted: list[ClientUpdate], *,
+                          sent: dict[str, Adapter]) -> tuple[GlobalState, AggregationReport]:
+        """DP-FedAvg over the validated updates: clipped, summed, noised, over a fixed m."""
+        config = self.fed.config
+        dp = config.client_dp_config()
+        assert dp is not None
+        new_state, report = dp_fedavg(self.fed.strategy, state, accepted, sent, dp,
+                                      expected_clients=config.sampled_per_round,
+                                      generator=self.noise)
+        bound = dp.clip_norm * (1 + 1e-6)
+        if any(norm > bound for norm in report.post_clip_norms.values()):
+            raise FedlrError("client-level DP: a clipped update exceeds the clip norm (a bug)")
+        weights = {u.client_id: 1 / config.sampled_per_round for u in accepted}
+        return new_state, AggregationReport(self.fed.strategy.name, new_state.round, weights,
+                                            math.nan, math.nan, {})
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -280,6 +313,21 @@ class Coordinator:
         return {c: history_epsilon(tuple(led.history), dp.delta, led.accountant)
                 for c, led in self.ledgers.items()}
 
+    def client_level(self, round_: int) -> dict[str, Any]:
+        """Client-level DP after `round_` released rounds: the facts and the epsilon."""
+        config, dp = self.fed.config, self.fed.config.client_dp_config()
+        if dp is None:
+            return {}
+        n, m = config.num_clients, config.sampled_per_round
+        return {
+            **client_level_description(dp, n, m),
+            "rounds": round_,
+            "epsilon": client_level_epsilon(dp, num_clients=n, per_round=m, rounds=round_),
+            "outside_guarantee": "example counts, client losses and metrics, rejection reasons, "
+                                 "and the server's view of each update (a trusted server clips "
+                                 "and noises)",
+        }
+
     def record(self, round_, clients, accepted, rejected, metrics, evaluation, epsilons,
                residual, residual_max, bytes_up, bytes_down, seconds) -> dict[str, Any]:
         weights = [m.get("num-examples", 0.0) for m in metrics]
@@ -293,8 +341,8 @@ class Coordinator:
             "train_loss": sum(w * v for w, v in zip(weights, losses, strict=True)) / total
             if total else None,
             "eval_loss": evaluation["loss"],
-            "aggregation_residual": residual,
-            "aggregation_residual_max": residual_max,
+            "aggregation_residual": None if math.isnan(residual) else residual,
+            "aggregation_residual_max": None if math.isnan(residual_max) else residual_max,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "seconds": seconds,
@@ -308,29 +356,34 @@ class Coordinator:
             record["epsilon_max"] = max(epsilons.values())
         return record
 
-    def write_privacy(self, epsilons: dict[str, float]) -> None:
+    def write_privacy(self, epsilons: dict[str, float], client_level: dict[str, Any]) -> None:
+        """privacy.json: sample-level DP per client (top level) and client-level DP, if on."""
         dp = self.fed.config.dp_config()
-        if dp is None:
-            return
-        clients = {}
-        for client, ledger in sorted(self.ledgers.items(), key=lambda kv: int(kv[0])):
-            sigma, q, _ = ledger.history[-1] if ledger.history else (math.nan, math.nan, 0)
-            clients[client] = {
-                "noise_multiplier": sigma,
-                "max_grad_norm": dp.max_grad_norm,
-                "sample_rate": q,
-                "steps": ledger.steps,
-                "rounds": ledger.rounds,
-                "epsilon": epsilons[client],
-                "history": [list(s) for s in ledger.history],
-            }
-        eps = [c["epsilon"] for c in clients.values()]
-        write_json(self.run.root / "privacy.json", {
-            "delta": dp.delta,
-            "accountant": dp.accountant,
-            "privacy_unit": "one training example of one client (sample-level DP-SGD)",
-            "sampling": "Poisson, q = batch_size / client examples",
-            "max_epsilon": max(eps) if eps else 0.0,
-            "budget": dp.budget,
-            "clients": clients,
-        })
+        document: dict[str, Any] = {}
+        if dp is not None:
+            clients = {}
+            for client, ledger in sorted(self.ledgers.items(), key=lambda kv: int(kv[0])):
+                sigma, q, _ = ledger.history[-1] if ledger.history else (math.nan, math.nan, 0)
+                clients[client] = {
+                    "noise_multiplier": sigma,
+                    "max_grad_norm": dp.max_grad_norm,
+                    "sample_rate": q,
+                    "steps": ledger.steps,
+                    "rounds": ledger.rounds,
+                    "epsilon": epsilons[client],
+                    "history": [list(s) for s in ledger.history],
+                }
+            eps = [c["epsilon"] for c in clients.values()]
+            document.update({
+                "delta": dp.delta,
+                "accountant": dp.accountant,
+                "privacy_unit": "one training example of one client (sample-level DP-SGD)",
+                "sampling": "Poisson, q = batch_size / client examples",
+                "max_epsilon": max(eps) if eps else 0.0,
+                "budget": dp.budget,
+                "clients": clients,
+            })
+        if client_level:
+            document["client_level"] = client_level
+        if document:
+            write_json(self.run.root / "privacy.json", document)

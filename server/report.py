@@ -13,9 +13,10 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
     """One row per round, narrow enough for an 80-column terminal."""
     quality = "acc" if "eval_accuracy" in records[0] else "ppl"
     dp = any("epsilon_max" in r for r in records)
+    client_dp = any("client_epsilon" in r for r in records)
     table = Table(title=title, box=box.SIMPLE_HEAD)
     columns = ["round", "ok/sent", "train", "eval", quality, *(["eps"] if dp else []),
-               "residual", "MB up", "MB dn", "s"]
+               *(["client eps"] if client_dp else []), "residual", "MB up", "MB dn", "s"]
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for r in records:
@@ -24,7 +25,8 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
             _num(r["train_loss"]), _num(r["eval_loss"]),
             _num(r.get("eval_accuracy", r.get("eval_perplexity"))),
             *([_num(r.get("epsilon_max"))] if dp else []),
-            f"{r['aggregation_residual']:.1e}", f"{r['bytes_up'] / 2**20:.2f}",
+            *([_num(r.get("client_epsilon"))] if client_dp else []),
+            _sci(r["aggregation_residual"]), f"{r['bytes_up'] / 2**20:.2f}",
             f"{r['bytes_down'] / 2**20:.2f}", f"{r['seconds']:.0f}",
         ]
         table.add_row(*row)
@@ -33,6 +35,10 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -48,7 +54,9 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     shown = [quality] if quality else []
     shown.append(("loss", "loss"))
     if any("epsilon_max" in r for r in records):
-        shown.append(("epsilon_max", "max client epsilon"))
+        shown.append(("epsilon_max", "max client epsilon (sample level)"))
+    if any("client_epsilon" in r for r in records):
+        shown.append(("client_epsilon", "epsilon (client level)"))
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], shown, strict=True):
         if key == "loss":

@@ -2,7 +2,7 @@
 
     run.json                         resolved config, package versions, seed
     metrics.jsonl                    one JSON object per round
-    privacy.json                     per-client DP accounting (when DP is on)
+    privacy.json                     DP accounting: per client (sample level), client level
     rounds/NNNN/global.safetensors   the global adapter after round NNNN (flora: that round's
                                      exact stacked update); clients/<id>.safetensors on request
     adapter/                         the final adapter in PEFT format

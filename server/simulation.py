@@ -104,6 +104,7 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
                 errors.append(exc)
 
         logging.getLogger("flwr").setLevel(logging.ERROR)  # not its deprecation notice per run
+        logging.getLogger("fedlr").setLevel(logging.ERROR)  # rejections are listed at the end
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         # Ray workers inherit this environment: one thread per virtual client, one CPU each.
         os.environ.setdefault("OMP_NUM_THREADS", "1")

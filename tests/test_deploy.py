@@ -1,20 +1,17 @@
-"""A real deployment on loopback: `fedlr server` (TLS + node authentication), three `fedlr client`
-SuperNodes with registered keys (an unregistered one is refused), and `flwr run`; the result
-equals `fedlr simulate`'s."""
+"""A real deployment on loopback: `fedlr server` (TLS + node authentication), registered
+`fedlr client` SuperNodes and `flwr run`. It gives `fedlr simulate`'s adapter, refuses nodes that
+cannot prove who they are or speak plain text, survives a node killed mid-round and a server
+restart."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
+import json
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from deployment import Deployment, free_port, stop
 
 from fedlr.adapters import load_delta_weights
 from fedlr.certs import create
@@ -24,92 +21,106 @@ from fedlr.server.launch import superlink_argv
 from fedlr.server.simulation import simulate
 from fedlr.simconfig import SimulationConfig
 
-ROOT = Path(__file__).parents[1]
-BIN = Path(sys.executable).parent
 SETTINGS = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[2, 4],
                 local_steps=2, batch_size=8, eval_examples=32, seed=11)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
 @pytest.fixture
-def processes():
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:  # each in its own session: stop its whole group (SuperExec children too)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def deployment(tmp_path):
+    dep = Deployment(tmp_path, num_nodes=3).start()
+    yield dep
+    dep.close()
 
 
-def test_a_tls_deployment_gives_the_same_adapter_as_the_simulation(tmp_path, processes):
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    keys = create(tmp_path / "keys", ["localhost", "127.0.0.1"], ["node1", "node2", "node3"])
-    port = free_port()
+def simulated_adapter(folder, settings: dict) -> dict:
+    out = folder / "simulated"
+    simulate(SimulationConfig.load(None, {**settings, "out": str(out)}), client_app)
+    return load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
 
-    def spawn(*args: str, log: str) -> subprocess.Popen:
-        handle = open(tmp_path / log, "w")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen([sys.executable, "-m", "fedlr.cli", *args], env=env,
-                                cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        processes.append(proc)
-        return proc
 
-    spawn("server", "--certs", str(keys.folder), "--host", "127.0.0.1", "--port", str(port),
-          "--database", str(tmp_path / "state.db"), log="server.log")
-    wait_for_port(port)
-    (tmp_path / "home").mkdir(exist_ok=True)  # the SuperLink may have made it
-    (tmp_path / "home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "dep"\n\n[superlink.dep]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{keys.ca_cert}"\n'
-    )
-    for name, (_, public) in keys.node_keys.items():
-        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), "dep"],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, (name, done.stdout, done.stderr)
-    for k, (private, _) in enumerate(keys.node_keys.values()):
-        spawn("client", "--superlink", f"127.0.0.1:{port}", "--ca", str(keys.ca_cert),
-              "--key", str(private), "--partition-id", str(k), "--num-partitions", "3",
-              "--port", str(free_port()), log=f"client{k}.log")
-
-    # a node whose key was never registered is refused and stops
-    stranger = create(tmp_path / "stranger", ["localhost"], ["node9"]).node_keys["node9"][0]
-    rogue = spawn("client", "--superlink", f"127.0.0.1:{port}", "--ca", str(keys.ca_cert),
-                  "--key", str(stranger), "--partition-id", "0", "--num-partitions", "3",
-                  "--port", str(free_port()), log="rogue.log")
-    assert rogue.wait(timeout=120) != 0
-    assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
-
-    out = tmp_path / "deployed"
-    flags = " ".join(f"{k.replace('_', '-')}={v!r}" if isinstance(v, str) else
-                     f"{k.replace('_', '-')}={v}" for k, v in SETTINGS.items() if k != "ranks")
-    run_config = f"{flags} ranks='2,4' out='{out}'"
-    done = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "dep", "--run-config", run_config,
-                           "--stream"], env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join((tmp_path / f).read_text() for f in ("server.log", "client0.log"))
-    assert done.returncode == 0, done.stdout + done.stderr + logs
-    deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
-
-    simulated_out = tmp_path / "simulated"
-    simulate(SimulationConfig.load(None, {**SETTINGS, "out": str(simulated_out)}), client_app)
-    simulated = load_delta_weights(simulated_out / "rounds" / "0002" / "global.safetensors")
+def assert_same(deployed: dict, simulated: dict) -> None:
     assert deployed.keys() == simulated.keys()
     for name, dw in simulated.items():
         torch.testing.assert_close(deployed[name], dw, rtol=1e-5, atol=1e-6)
+
+
+def wait_for_round(out, round_: int, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= round_:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"round {round_} did not finish in {seconds} s")
+
+
+def test_a_tls_deployment_gives_the_same_adapter_as_the_simulation(deployment, tmp_path):
+    out = tmp_path / "deployed"
+    deployment.run({**SETTINGS, "out": str(out)})
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
+    assert_same(deployed, simulated_adapter(tmp_path, SETTINGS))
+
+
+def test_nodes_that_cannot_prove_who_they_are_or_speak_plain_text_are_refused(deployment,
+                                                                              tmp_path):
+    # a key the server never registered
+    stranger = create(tmp_path / "stranger", ["localhost"], ["node9"])
+    rogue = deployment.spawn(*deployment.node_args(0, key=stranger.node_keys["node9"][0]),
+                             log="unregistered.log")
+    assert rogue.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in deployment.log("unregistered.log")
+
+    # a node that trusts another CA cannot verify the server, so it never connects
+    wrong_ca = deployment.spawn(*deployment.node_args(0, ca=stranger.ca_cert),
+                                "--give-up-after", "10", log="wrong-ca.log")
+    assert wrong_ca.wait(timeout=120) != 0
+
+    # plain text: a SuperNode without TLS never connects, and the port answers TLS only
+    plain = deployment.spawn("client", "--superlink", f"127.0.0.1:{deployment.port}",
+                             "--partition-id", "0", "--num-partitions", "3", "--port",
+                             str(free_port()), "--insecure", "--give-up-after", "10",
+                             log="plain.log")
+    assert plain.wait(timeout=120) != 0
+    with socket.create_connection(("127.0.0.1", deployment.port), 5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = sock.recv(64)
+    assert not answer.startswith(b"HTTP/")  # a TLS alert or a closed socket, never a reply
+
+    # none of them became a client: the federation still runs with the three registered nodes
+    out = tmp_path / "run"
+    deployment.run({**SETTINGS, "rounds": 1, "out": str(out)})
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["accepted"] == ["0", "1", "2"]
+
+
+def test_a_node_killed_during_round_two_leaves_the_round_to_the_others(deployment, tmp_path):
+    out = tmp_path / "run"
+    run = deployment.submit({**SETTINGS, "local_steps": 30, "round_timeout": 45.0,
+                             "out": str(out)})
+    wait_for_round(out, 1)
+    deployment.kill_node(2)
+    assert run.wait(timeout=300) == 0, deployment.log("run.log")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["accepted"] == ["0", "1", "2"]
+    assert records[1]["accepted"] == ["0", "1"]
+    assert [r["client"] for r in records[1]["rejected"]] == ["2"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_restarted_server_resumes_the_run_from_its_checkpoint(deployment, tmp_path):
+    settings = {**SETTINGS, "local_steps": 30}
+    out = tmp_path / "run"
+    run = deployment.submit({**settings, "out": str(out)})
+    wait_for_round(out, 1)
+    deployment.kill_server()  # the SuperLink, its SuperExec and the running ServerApp
+    stop(run)
+    deployment.start_server()  # same database: the registered nodes sign in again
+    deployment.run({**settings, "out": str(out), "resume": True})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
+    assert_same(deployed, simulated_adapter(tmp_path, settings))
 
 
 def test_the_server_refuses_to_start_without_tls_files_unless_insecure(tmp_path):

@@ -142,7 +142,7 @@ def test_policy_errors():
     with pytest.raises(ConfigError, match="max_update_norm"):
         ValidationPolicy(max_update_norm=0)
     with pytest.raises(ConfigError, match="min_valid_updates"):
-        ValidationPolicy(min_valid_updates=0)
+        ValidationPolicy(min_valid_updates=-1)
 
 
 def test_flora_update_norm_counts_from_a_fresh_lora():

@@ -1,0 +1,356 @@
+"""Client-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) for LoRA strategies.
+
+Why client level: in federated fine-tuning one client holds many examples, often about one person
+or organisation, so the unit worth protecting is a client's whole contribution (all its examples
+in all rounds), not one example. Sample-level DP-SGD (`fedlr.privacy`) does not bound that.
+
+Mechanism: each client's update, taken as the change from the adapter it started from in the
+effective (scaling-folded) space zero-padded to the federation's max rank, is clipped to L2 norm
+S over all modules and trained head tensors together; the clipped deltas are summed with equal
+weights, Gaussian noise N(0, (z S)^2) is added to every coordinate of the padded space, and the
+sum is divided by a fixed denominator (the expected number of clients per round). Everything the
+server does afterwards (adding to the global adapter, FedSVD's re-orthogonalisation) is
+post-processing.
+
+Trust model: a trusted server clips and noises. The guarantee covers what the server releases
+(global adapters, checkpoints, exports), not the server's own view of individual updates.
+Outside the guarantee: example counts, client training losses and metrics, validation rejection
+reasons, the per-client norms in `ClientDPReport`, and the list of sampled clients if the server's
+RNG is known. The noise comes from a torch.Generator (not a cryptographic RNG) in floating point;
+the accounting is that of the ideal Gaussian mechanism.
+
+Accounting (`client_level_epsilon`): Poisson client sampling with add/remove-one-client adjacency
+(sensitivity S), or fixed-size sampling without replacement with replace-one-client adjacency
+(sensitivity 2 S), by dp-accounting's RDP or PLD accountant.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dp_accounting
+import torch
+from dp_accounting import pld, rdp
+from torch import Tensor
+
+from fedlr.adapters import Adapter
+from fedlr.errors import ConfigError
+from fedlr.lowrank import LowRank, svd
+from fedlr.strategies.base import ClientUpdate, GlobalState, Strategy
+
+SUPPORTED_STRATEGIES = ("fedit", "ffa", "fedsvd")
+SAMPLING_MODES = ("poisson", "fixed")
+ACCOUNTANTS = ("rdp", "pld")
+PRIVACY_UNIT = "one client's whole contribution: all its examples in all rounds"
+
+_REFUSED = {
+    "flora": (
+        "FLoRA stacks every client's factors, so the aggregate grows with the number of clients "
+        "and is a sum of products B_k A_k, not a sum of clipped vectors that noise can cover"
+    ),
+    "fair": (
+        "LoRA-FAIR's server-side correction optimises on the raw client factors, which noise "
+        "added to their sum does not protect"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ClientDPConfig:
+    """z (noise multiplier), S (clip norm), client sampling, delta and accountant."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sampling: str = "poisson"
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad setting and its fix."""
+        z, s = self.noise_multiplier, self.clip_norm
+        if not (math.isfinite(z) and z >= 0):
+            raise ConfigError(f"client-DP noise multiplier must be a number >= 0, got {z!r}")
+        if not (math.isfinite(s) and s > 0):
+            raise ConfigError(f"client-DP clip norm must be a finite number > 0, got {s!r}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(
+                f"unknown client sampling {self.sampling!r}; choose one of {SAMPLING_MODES}"
+            )
+        if not (0 < self.delta < 1):
+            raise ConfigError(f"client-DP delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"unknown client-DP accountant {self.accountant!r}; choose one of {ACCOUNTANTS}"
+            )
+        if self.accountant == "pld" and self.sampling == "fixed":
+            raise ConfigError(
+                "accountant 'pld' cannot account fixed-size client sampling (dp-accounting's PLD "
+                "has no sampling-without-replacement event); use accountant 'rdp' or sampling "
+                "'poisson'"
+            )
+
+
+def check_composes(strategy_name: str, hetero: str) -> None:
+    """Refuse strategies whose aggregate is not a noised sum of clipped update vectors."""
+    if strategy_name in _REFUSED:
+        raise ConfigError(
+            f"client-level DP does not compose with strategy {strategy_name!r}: "
+            f"{_REFUSED[strategy_name]}; use one of {SUPPORTED_STRATEGIES}"
+        )
+    if strategy_name not in SUPPORTED_STRATEGIES:
+        raise ConfigError(
+            f"client-level DP does not support strategy {strategy_name!r}; "
+            f"use one of {SUPPORTED_STRATEGIES}"
+        )
+    if strategy_name == "fedit" and hetero == "flexlora":
+        raise ConfigError(
+            "client-level DP does not compose with strategy 'fedit' and hetero 'flexlora': "
+            "FlexLoRA takes an SVD of the exact sum of client products, not a sum of clipped "
+            "factor deltas; use hetero 'hetlora', or strategy 'ffa' or 'fedsvd'"
+        )
+
+
+@dataclass(frozen=True)
+class ClientDPReport:
+    """What one private aggregation did. Per-client norms are private: the caller decides what
+    to publish."""
+
+    pre_clip_norms: dict[str, float]
+    post_clip_norms: dict[str, float]
+    clipped_fraction: float
+    noise_std: float  # on the sum, per coordinate: z * S
+    denominator: float
+
+
+# -- the release space ------------------------------------------------------------------------
+
+
+def _trains_head(strategy: Strategy, state: GlobalState) -> bool:
+    return strategy.head == "train" and bool(state.extras)
+
+
+def _release_space(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
+    """Zeros shaped like everything that is noised: fixed by the state, never by the updates."""
+    space: dict[str, Tensor] = {}
+    for name in sorted(state.lora):
+        g = state.lora[name]
+        space[f"lora_B::{name}"] = torch.zeros_like(g.B)
+        if strategy.trains_a:
+            space[f"lora_A::{name}"] = torch.zeros_like(g.A)
+    if _trains_head(strategy, state):
+        for name in sorted(state.extras):
+            space[f"extra::{name}"] = torch.zeros_like(state.extras[name])
+    return space
+
+
+def _padded(x: LowRank, rank: int) -> tuple[Tensor, Tensor]:
+    """B with zero columns and A with zero rows up to `rank`."""
+    B = x.B.new_zeros(x.B.shape[0], rank)
+    A = x.A.new_zeros(rank, x.A.shape[1])
+    B[:, : x.rank], A[: x.rank] = x.B, x.A
+    return B, A
+
+
+def client_delta(
+    strategy: Strategy, state: GlobalState, update: ClientUpdate, start: Adapter
+) -> dict[str, Tensor]:
+    """The update minus its own start, in the padded effective space `_release_space` names."""
+    delta: dict[str, Tensor] = {}
+    for name in sorted(state.lora):
+        rank = state.lora[name].rank
+        b_new, a_new = _padded(update.adapter.lora[name].effective(), rank)
+        b_old, a_old = _padded(start.lora[name].effective(), rank)
+        delta[f"lora_B::{name}"] = b_new - b_old
+        if strategy.trains_a:
+            delta[f"lora_A::{name}"] = a_new - a_old
+    if _trains_head(strategy, state):
+        for name in sorted(state.extras):
+            delta[f"extra::{name}"] = update.adapter.extras[name] - state.extras[name]
+    return delta
+
+
+def l2_norm(tensors: Mapping[str, Tensor]) -> float:
+    """One L2 norm over all tensors together, in float64 so huge updates do not overflow."""
+    if not tensors:
+        return 0.0
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors.values()]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def clip(
+    delta: Mapping[str, Tensor], clip_norm: float, who: str
+) -> tuple[dict[str, Tensor], float, float]:
+    """The delta scaled by min(1, S / norm), its norm before and after."""
+    norm = l2_norm(delta)
+    if not math.isfinite(norm):
+        raise ValueError(
+            f"client {who}: the update has a non-finite norm and cannot be clipped; reject it "
+            "before aggregation (fedlr.validation.validate_update)"
+        )
+    if norm <= clip_norm:
+        return dict(delta), norm, norm
+    factor = clip_norm / norm
+    clipped = {k: t * factor for k, t in delta.items()}
+    return clipped, norm, l2_norm(clipped)
+
+
+def _add_noise(total: dict[str, Tensor], std: float, generator: torch.Generator) -> None:
+    """N(0, std^2) on every coordinate, in place on the server's own sum."""
+    if std == 0:
+        return
+    for t in total.values():
+        noise = torch.randn(t.shape, generator=generator, dtype=t.dtype, device=generator.device)
+        t.add_(noise.to(t.device), alpha=std)
+
+
+def _apply(strategy: Strategy, state: GlobalState, mean: Mapping[str, Tensor]) -> GlobalState:
+    """The new global state from the privatised mean delta (post-processing only)."""
+    lora = {}
+    for name, g in state.lora.items():
+        B = g.B + mean[f"lora_B::{name}"]
+        A = g.A + mean[f"lora_A::{name}"] if strategy.trains_a else g.A
+        lora[name] = LowRank(B, A)
+        if strategy.name == "fedsvd":
+            lora[name] = svd(lora[name]).top(g.rank)
+    extras = dict(state.extras)
+    if _trains_head(strategy, state):
+        extras = {name: t + mean[f"extra::{name}"] for name, t in state.extras.items()}
+    return GlobalState(round=state.round + 1, lora=lora, extras=extras)
+
+
+def dp_fedavg(
+    strategy: Strategy,
+    state: GlobalState,
+    updates: Sequence[ClientUpdate],
+    sent: Mapping[str, Adapter] | None,
+    config: ClientDPConfig,
+    expected_clients: float,
+    generator: torch.Generator,
+) -> tuple[GlobalState, ClientDPReport]:
+    """One DP-FedAvg round: clip each delta to S, sum with equal weights, add N(0, (z S)^2),
+    divide by the fixed `expected_clients` (q N for Poisson sampling, the sample size for
+    fixed-size sampling), so that dropped clients lower the signal but never the privacy.
+
+    `updates` must have passed validation; `sent` maps clients to the downlink they started from
+    (recomputed from `state` when absent). Example counts are ignored: they are private. Zero
+    updates release pure noise. Inputs are never modified.
+    """
+    check_composes(strategy.name, strategy.hetero)
+    config.validate()
+    if not (math.isfinite(expected_clients) and expected_clients > 0):
+        raise ConfigError(
+            f"expected clients per round must be a number > 0, got {expected_clients!r}; "
+            "pass q * N for Poisson sampling or the sample size for fixed-size sampling"
+        )
+    total = _release_space(strategy, state)
+    pre, post = {}, {}
+    for update in updates:
+        cid = update.client_id
+        if cid in pre:
+            raise ValueError(f"client {cid}: two updates in one round break the per-client bound")
+        start = (sent or {}).get(cid) or strategy.starting_adapter(state, cid)
+        clipped, pre[cid], post[cid] = clip(
+            client_delta(strategy, state, update, start), config.clip_norm, cid
+        )
+        for key, t in clipped.items():
+            total[key].add_(t)
+    noise_std = config.noise_multiplier * config.clip_norm
+    _add_noise(total, noise_std, generator)
+    mean = {key: t / expected_clients for key, t in total.items()}
+    clipped_count = sum(pre[c] > config.clip_norm for c in pre)
+    report = ClientDPReport(
+        pre_clip_norms=pre,
+        post_clip_norms=post,
+        clipped_fraction=clipped_count / len(pre) if pre else 0.0,
+        noise_std=noise_std,
+        denominator=float(expected_clients),
+    )
+    return _apply(strategy, state, mean), report
+
+
+# -- accounting -------------------------------------------------------------------------------
+
+
+def _check_population(num_clients: int, per_round: int, rounds: int) -> None:
+    if num_clients < 1:
+        raise ConfigError(f"client-DP accounting needs at least one client, got {num_clients}")
+    if not 1 <= per_round <= num_clients:
+        raise ConfigError(
+            f"clients per round must be between 1 and the number of clients {num_clients}, "
+            f"got {per_round}"
+        )
+    if rounds < 0:
+        raise ConfigError(f"the number of rounds must be >= 0, got {rounds}")
+
+
+def _round_event(
+    config: ClientDPConfig, num_clients: int, per_round: int
+) -> tuple[dp_accounting.DpEvent, dp_accounting.PrivacyAccountant]:
+    """One round's event and a fresh accountant with the matching adjacency.
+
+    Replace-one: the sum moves by up to 2 S when one client is swapped for another. dp-accounting
+    reads a noise multiplier as std / (sensitivity under the accountant's relation): its
+    sampled-without-replacement RDP is alpha / (2 sigma^2) at q = 1, the plain Gaussian's. So the
+    multiplier it needs is z S / (2 S) = z / 2.
+    """
+    z = config.noise_multiplier
+    if config.sampling == "fixed":
+        event = dp_accounting.SampledWithoutReplacementDpEvent(
+            num_clients, per_round, dp_accounting.GaussianDpEvent(z / 2)
+        )
+        relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+        return event, rdp.RdpAccountant(neighboring_relation=relation)
+    q = per_round / num_clients
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    accountant = rdp.RdpAccountant() if config.accountant == "rdp" else pld.PLDAccountant()
+    return event, accountant
+
+
+def client_level_epsilon(
+    config: ClientDPConfig, *, num_clients: int, per_round: int, rounds: int
+) -> float:
+    """Epsilon at `config.delta` of `rounds` DP-FedAvg rounds; `per_round` is the expected
+    (Poisson) or exact (fixed-size) number of clients sampled from `num_clients` each round."""
+    config.validate()
+    _check_population(num_clients, per_round, rounds)
+    if rounds == 0:
+        return 0.0
+    if config.noise_multiplier == 0:
+        return math.inf  # the clipped sum is released as it is
+    event, accountant = _round_event(config, num_clients, per_round)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(config.delta))
+
+
+def client_level_description(
+    config: ClientDPConfig, num_clients: int, per_round: int
+) -> dict[str, Any]:
+    """The facts privacy.json states next to the epsilon."""
+    config.validate()
+    _check_population(num_clients, per_round, 0)
+    fixed = config.sampling == "fixed"
+    sampling: dict[str, Any] = (
+        {
+            "method": "fixed-size, without replacement",
+            "num_clients": num_clients,
+            "per_round": per_round,
+        }
+        if fixed
+        else {"method": "poisson", "q": per_round / num_clients}
+    )
+    return {
+        "privacy_unit": PRIVACY_UNIT,
+        "adjacency": "replace one client" if fixed else "add or remove one client",
+        "sensitivity": (2 if fixed else 1) * config.clip_norm,
+        "sampling": sampling,
+        "noise_multiplier": config.noise_multiplier,
+        "clip_norm": config.clip_norm,
+        "noise_std_on_sum": config.noise_multiplier * config.clip_norm,
+        "accountant": config.accountant,
+        "accountant_library": f"dp-accounting {importlib.metadata.version('dp-accounting')}",
+        "delta": config.delta,
+    }

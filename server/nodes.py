@@ -1,0 +1,84 @@
+"""Which connected SuperNode is which client of the federation.
+
+Each node declares its client id when it is started (`fedlr client --partition-id K`, or Flower's
+simulation engine for virtual clients); the server asks every new node once (a `query` message)
+and keeps the answer. A client's identity is then stable when its node reconnects with another
+node id, when other nodes leave, and across a server restart, so its privacy ledger, rank and data
+always belong together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedlr.errors import FedlrError
+
+log = logging.getLogger("fedlr")
+QUERY_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass
+class NodeDirectory:
+    num_clients: int
+    clients: dict[str, int] = field(default_factory=dict)  # client id -> node id
+    ignored: dict[int, str] = field(default_factory=dict)  # node id -> why it is not a client
+
+    def refresh(self, grid: Grid) -> None:
+        """Forget nodes that went offline and identify the ones that appeared."""
+        online = set(grid.get_node_ids())
+        self.clients = {c: n for c, n in self.clients.items() if n in online}
+        known = set(self.clients.values()) | set(self.ignored)
+        new = sorted(online - known)
+        if not new:
+            return
+        queries = [Message(content=RecordDict(), dst_node_id=n, message_type="query") for n in new]
+        for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_SECONDS):
+            self.register(reply)
+
+    def register(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            return  # asked again at the next refresh
+        identity = reply.content["identity"]
+        client, declared = str(identity["partition-id"]), int(identity["num-partitions"])
+        if declared != self.num_clients:
+            self.ignore(node, f"it says num-partitions={declared}, the run has {self.num_clients} "
+                              "clients; restart it with the run's --num-partitions")
+        elif not 0 <= int(client) < self.num_clients:
+            self.ignore(node, f"its partition id {client} is not in [0, {self.num_clients})")
+        elif client in self.clients:
+            self.ignore(node, f"client {client} is already node {self.clients[client]}; every "
+                              "node needs its own --partition-id")
+        else:
+            self.clients[client] = node
+            log.info("node %s is client %s (%s; data: %s)", node, client,
+                     identity.get("device", "?"), identity.get("data", "?"))
+
+    def ignore(self, node: int, why: str) -> None:
+        self.ignored[node] = why
+        log.warning("ignoring node %s: %s", node, why)
+
+    def wait(self, grid: Grid, *, seconds: float, at_least: int) -> None:
+        """Until every client is connected, or `seconds` pass with at least `at_least`."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.refresh(grid)
+            if len(self.clients) == self.num_clients:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        missing = sorted(set(map(str, range(self.num_clients))) - set(self.clients), key=int)
+        if len(self.clients) < at_least:
+            raise FedlrError(
+                f"{len(self.clients)} of {self.num_clients} clients connected after {seconds:.0f} "
+                f"s (missing {missing}), at least {at_least} needed; start the missing clients or "
+                "raise connect_timeout"
+            )
+        log.warning("starting with %d of %d clients; missing %s", len(self.clients),
+                    self.num_clients, missing)

@@ -1,0 +1,103 @@
+"""Client-level DP (DP-FedAvg) in a whole simulated run: the clipping bound on what the server
+releases, the accounted epsilon against dp-accounting, and settings that cannot compose."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import rdp
+
+from fedlr.adapters import load_adapter
+from fedlr.client.app import app as client_app
+from fedlr.errors import ConfigError
+from fedlr.server.coordinator import sample_clients
+from fedlr.server.simulation import simulate
+from fedlr.simconfig import SimulationConfig
+
+TINY = dict(strategy="ffa", model="tiny", num_clients=4, rounds=2, ranks=[2, 4], local_steps=3,
+            batch_size=8, lr=1e-2, eval_examples=32)
+
+
+def release_norm(before, after) -> float:
+    """||B_r - B_{r-1}||, head included: the change of everything the round released (ffa)."""
+    squares = sum(float((after.lora[n].B - before.lora[n].B).square().sum()) for n in after.lora)
+    squares += sum(float((after.extras[n] - before.extras[n]).square().sum())
+                   for n in after.extras)
+    return math.sqrt(squares)
+
+
+def test_without_noise_each_round_moves_the_global_adapter_by_at_most_the_clip_norm(tmp_path):
+    clip = 1e-4  # far below what local training moves: every update is clipped
+    config = SimulationConfig.load(None, {**TINY, "client_noise_multiplier": 0.0,
+                                          "client_clip_norm": clip, "client_sampling": "fixed",
+                                          "out": str(tmp_path / "run")})
+    run = simulate(config, client_app)
+    records = run.read_metrics()
+    assert all(len(r["accepted"]) == 4 for r in records)
+    rounds = [load_adapter(run.root / "rounds" / f"{r:04d}" / "global.safetensors")
+              for r in (1, 2)]
+    change = release_norm(rounds[0], rounds[1])
+    # the mean of four deltas of norm <= S each, over m = 4
+    assert 0 < change <= clip * (1 + 1e-5)
+
+
+def test_client_level_epsilon_is_dp_accountings_for_the_configured_sampling(tmp_path):
+    z, per_round = 1.1, 2
+    config = SimulationConfig.load(None, {**TINY, "clients_per_round": per_round,
+                                          "client_noise_multiplier": z, "client_clip_norm": 0.5,
+                                          "out": str(tmp_path / "run")})
+    run = simulate(config, client_app)
+    records = run.read_metrics()
+    q = per_round / TINY["num_clients"]
+    for record in records:
+        accountant = rdp.RdpAccountant()
+        accountant.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+            record["round"]))
+        assert record["client_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+        assert record["aggregation_residual"] is None  # no exactness claim under noise
+    privacy = json.loads((run.root / "privacy.json").read_text())["client_level"]
+    assert privacy["epsilon"] == records[-1]["client_epsilon"]
+    assert privacy["sampling"] == {"method": "poisson", "q": q}
+    assert privacy["adjacency"] == "add or remove one client"
+    assert privacy["rounds"] == 2 and privacy["clip_norm"] == 0.5
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"strategy": "flora"}, "does not compose with strategy 'flora'"),
+    ({"strategy": "fair"}, "does not compose with strategy 'fair'"),
+    ({"strategy": "fedit", "hetero": "flexlora"}, "hetero 'flexlora'"),
+    ({"save_client_updates": True}, "un-noised update"),
+    ({"min_valid_updates": 2}, "min_valid_updates does not apply"),
+    ({"client_clip_norm": None}, "needs client_clip_norm"),
+    ({"client_sampling": "fixed", "client_accountant": "pld"}, "cannot account fixed-size"),
+])
+def test_settings_that_cannot_give_client_level_dp_fail_before_any_work(tmp_path, overrides,
+                                                                        message):
+    settings = {**TINY, "client_noise_multiplier": 1.0, "client_clip_norm": 1.0,
+                "out": str(tmp_path / "run"), **overrides}
+    with pytest.raises(ConfigError, match=message):
+        SimulationConfig.load(None, {k: v for k, v in settings.items() if v is not None})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_clip_norm_without_noise_is_refused():
+    with pytest.raises(ConfigError, match="client_noise_multiplier is not"):
+        SimulationConfig.load(None, {**TINY, "client_clip_norm": 1.0})
+
+
+def test_poisson_sampling_under_client_dp_draws_each_client_with_probability_q(tmp_path):
+    """The coordinator's draw: inclusion frequency q for every client, sizes that vary."""
+    config = SimulationConfig.load(None, {**TINY, "num_clients": 10, "clients_per_round": 3,
+                                          "client_noise_multiplier": 1.0, "client_clip_norm": 1.0,
+                                          "out": str(tmp_path / "run")})
+    draws = [sample_clients(config, r) for r in range(4000)]
+    counts = torch.tensor([[str(c) in d for c in range(10)] for d in draws], dtype=torch.float64)
+    frequency = counts.mean(0)
+    stderr = math.sqrt(0.3 * 0.7 / len(draws))
+    assert float((frequency - 0.3).abs().max()) < 5 * stderr
+    assert len({len(d) for d in draws}) > 3  # Poisson: the round size varies

@@ -1,0 +1,68 @@
+"""A deployed client that trains on its own data file (`fedlr client --data`): the same
+training as on the same examples taken from the run's dataset, and labels that must be the run's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedlr.client.app import run_job
+from fedlr.data import load_local
+from fedlr.errors import ConfigError
+from fedlr.payload import adapter_payload
+from fedlr.server.coordinator import Coordinator, Federation
+from fedlr.server.rundir import RunDir
+from fedlr.simconfig import SimulationConfig
+
+
+def test_training_on_a_local_file_equals_training_on_the_same_examples_of_the_run(tmp_path):
+    config = SimulationConfig.load(None, dict(strategy="fedit", model="tiny", num_clients=3,
+                                              ranks=[4], local_steps=3, batch_size=8, seed=5,
+                                              eval_examples=16, out=str(tmp_path / "run")))
+    fed = Federation.build(config)
+    state = fed.strategy.init_state(fed.model.host.initial_head)
+    flat, scalings = adapter_payload(fed.strategy.downlink(state, "1"))
+    job = Coordinator(fed, RunDir(tmp_path / "run")).job("1", 1, scalings)
+
+    shard, names = fed.data.partitions[1], fed.data.data.label_names
+    local = tmp_path / "mine.jsonl"
+    local.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n"
+                             for t, y in zip(shard["text"], shard["label"], strict=True)))
+
+    shared = run_job(job, flat)
+    own = run_job(job, flat, str(local))
+    assert own["metrics"]["num-examples"] == shared["metrics"]["num-examples"] == len(shard)
+    ours, theirs = own["adapter"].to_torch_state_dict(), shared["adapter"].to_torch_state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=0)
+    assert any(not torch.equal(t, flat[k]) for k, t in ours.items() if k in flat)  # it trained
+
+
+def test_local_labels_must_be_the_runs(tmp_path):
+    local = tmp_path / "mine.jsonl"
+    local.write_text('{"text": "a", "label": "cats"}\n{"text": "b", "label": "dogs"}\n')
+    rows = load_local(str(local), "classification", ["dogs", "cats"])
+    assert rows["label"] == [1, 0]  # the run's ids, not the file's sorted order
+    with pytest.raises(ConfigError, match=r"labels \['dogs'\] are not among the run's labels"):
+        load_local(str(local), "classification", ["cats", "birds"])
+    with pytest.raises(ConfigError, match="data file is not found"):
+        load_local(str(tmp_path / "none.jsonl"), "classification", ["cats"])
+
+
+def test_the_client_launcher_hands_its_file_to_the_node(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from fedlr.client.launch import supernode_argv
+
+    mine = tmp_path / "my data.jsonl"
+    mine.write_text('{"text": "a", "label": "cats"}\n')
+    argv = supernode_argv("h:1", ca=None, key=None, partition_id=2, num_partitions=3, port=9,
+                          insecure=True, data=mine)
+    node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
+    assert node_config == {"partition-id": 2, "num-partitions": 3, "data-path": str(mine)}
+    with pytest.raises(ConfigError, match="--data file not found"):
+        supernode_argv("h:1", ca=None, key=None, partition_id=2, num_partitions=3, port=9,
+                       insecure=True, data=tmp_path / "none.jsonl")
