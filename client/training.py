@@ -22,8 +22,9 @@ from torch import Tensor
 
 from fedlr.adapters import Adapter, from_peft_model, load_into_peft_model
 from fedlr.batches import Encoded, per_example_loss
+from fedlr.client.canaries import GradientCanaries
 from fedlr.config import DPConfig, TrainConfig
-from fedlr.errors import FedlrError
+from fedlr.errors import ConfigError, FedlrError
 from fedlr.models import LoraHost
 from fedlr.privacy import PrivacyLedger, noise_for_target
 
@@ -147,8 +148,10 @@ class LocalTrainer:
         train_head: bool = True,
         ledger: PrivacyLedger | None = None,
         seed: int = 0,
+        canaries: GradientCanaries | None = None,
     ) -> TrainResult:
-        """One round of local training; the ledger (DP only) is updated in place on success."""
+        """One round of local training; the ledger (DP only) is updated in place on success.
+        `canaries` (DP with per-sample gradients only) are trained along, for an audit."""
         n = len(data)
         if n == 0:
             raise FedlrError(f"client {client_id} has no training examples; repartition the data")
@@ -168,6 +171,11 @@ class LocalTrainer:
             assert ledger is not None
             plan = self.plan_dp(dp, n, ledger, trainable)
             ledger.check_budget(plan.segment, dp.delta, dp.budget, client_id)
+        if canaries is not None:
+            if plan is None or plan.mode != "hooks":
+                raise ConfigError("gradient canaries need DP-SGD with per-sample gradients "
+                                  "(grad_sample_mode hooks)")
+            canaries.bind(params)
 
         gen = torch.Generator().manual_seed(seed)
         device = self.host.device
@@ -175,7 +183,7 @@ class LocalTrainer:
         optimizer = self._optimizer(params)
         model.train()
         losses: list[float] = []
-        with self._dp_engine(model, optimizer, plan, noise_gen, n) as engine:
+        with self._dp_engine(model, optimizer, plan, noise_gen, n, canaries, params) as engine:
             for indices in self._batches(n, plan, gen):
                 engine.zero_grad()
                 if not indices:
@@ -234,11 +242,13 @@ class LocalTrainer:
     @contextlib.contextmanager
     def _dp_engine(
         self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan | None,
-        noise_gen: torch.Generator, n: int,
+        noise_gen: torch.Generator, n: int, canaries: GradientCanaries | None,
+        params: list[Tensor],
     ) -> Iterator[StepEngine]:
         engine = (
             StepEngine(optimizer) if plan is None
-            else OpacusEngine(model, optimizer, plan, noise_gen, plan.sample_rate * n)
+            else OpacusEngine(model, optimizer, plan, noise_gen, plan.sample_rate * n,
+                              canaries, params)
         )
         try:
             yield engine
@@ -276,11 +286,13 @@ class OpacusEngine(StepEngine):
     def __init__(
         self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan,
         noise_gen: torch.Generator, expected_batch: float,
+        canaries: GradientCanaries | None = None, params: list[Tensor] | None = None,
     ) -> None:
         from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-        self.plan = plan
+        self.plan, self.canaries, self.params = plan, canaries, params or []
+        self.expected_batch = expected_batch
         common = {
             "noise_multiplier": plan.noise_multiplier,
             "max_grad_norm": plan.max_grad_norm,
@@ -314,7 +326,15 @@ class OpacusEngine(StepEngine):
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
+        self.step()
+
+    def step(self) -> None:
+        if self.canaries is None:
+            self.optimizer.step()
+            return
+        self.canaries.inject(self.params)  # an audit: canary gradients join the batch's
         self.optimizer.step()
+        self.canaries.observe(self.params, self.expected_batch)
 
     def close(self) -> None:
         self.hooks.cleanup()

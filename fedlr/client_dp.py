@@ -340,7 +340,8 @@ def client_level_description(
             "per_round": per_round,
         }
         if fixed
-        else {"method": "poisson", "q": per_round / num_clients}
+        else {"method": "poisson", "q": per_round / num_clients, "num_clients": num_clients,
+              "per_round": per_round}  # the expected number: q = per_round / num_clients
     )
     return {
         "privacy_unit": PRIVACY_UNIT,

@@ -11,7 +11,8 @@ import torch
 
 from fedlr.adapters import Adapter, LoraFactors, save_adapter
 
-COMMANDS = [[], ["demo"], ["inspect"], ["simulate"], ["certs"], ["server"], ["client"]]
+COMMANDS = [[], ["demo"], ["inspect"], ["simulate"], ["certs"], ["server"], ["client"], ["audit"],
+            ["privacy", "plan"]]
 
 
 def fedlr(*args: str) -> subprocess.CompletedProcess:
@@ -101,3 +102,19 @@ def test_certs_writes_a_ca_server_certificate_and_node_keys_once(tmp_path):
     again = fedlr("certs", str(folder))
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_privacy_plan_prints_the_dp_fedavg_golden_values():
+    """DP-FedAvg q = 0.01, z = 1, 1000 rounds, delta 1e-5: RDP 2.1014, PLD 1.8282, PRV 1.8384."""
+    done = fedlr("privacy", "plan", "--level", "client", "--noise", "1.0", "--rounds", "1000",
+                 "--num-clients", "1000", "--clients-per-round", "10")
+    assert done.returncode == 0, done.stderr
+    for value in ("2.1014", "1.8282", "1.8384"):
+        assert value in done.stdout
+
+
+def test_privacy_plan_refuses_a_target_and_a_noise_together():
+    done = fedlr("privacy", "plan", "--target-epsilon", "1", "--noise", "1", "--sample-rate",
+                 "0.01")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "error:" in done.stderr

@@ -62,7 +62,7 @@ def test_client_level_epsilon_is_dp_accountings_for_the_configured_sampling(tmp_
         assert record["aggregation_residual"] is None  # no exactness claim under noise
     privacy = json.loads((run.root / "privacy.json").read_text())["client_level"]
     assert privacy["epsilon"] == records[-1]["client_epsilon"]
-    assert privacy["sampling"] == {"method": "poisson", "q": q}
+    assert privacy["sampling"] == {"method": "poisson", "q": q, "num_clients": 4, "per_round": 2}
     assert privacy["adjacency"] == "add or remove one client"
     assert privacy["rounds"] == 2 and privacy["clip_norm"] == 0.5
 

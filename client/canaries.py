@@ -1,0 +1,80 @@
+"""White-box gradient canaries for an empirical sample-level DP audit (one training run).
+
+A canary is an extra "example" whose per-sample gradient the auditor chooses: C times a unit
+vector at one coordinate of the trainable LoRA/head parameters (distinct coordinates, so the
+canaries are orthogonal). Each of the M canaries is put in the training set with probability 1/2;
+an included canary is Poisson-sampled at every step with the run's rate q, like every real
+example, and its gradient goes through Opacus's clipping and noise with the others.
+
+The auditor sees every step's released (clipped, summed, noised) gradient and knows the data:
+its score for a canary is the sum over steps of the released gradient at the canary's coordinate
+minus the real examples' clipped contribution there, i.e. C per time it was drawn plus the noise.
+Removing the known data part is allowed: the subsampled Gaussian's guarantee holds for any fixed
+contribution of the other examples. Excluded canaries score noise alone; if the noise cannot hide
+the difference, the bound exceeds the claimed epsilon and something is broken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedlr.errors import ConfigError
+
+
+@dataclass
+class GradientCanaries:
+    count: int
+    sample_rate: float
+    norm: float  # the clipping bound C: a canary's gradient is never clipped, never smaller
+    seed: int
+    coordinates: Tensor = field(init=False)
+    included: Tensor = field(init=False)
+    sampled: Tensor = field(init=False)  # how often each included canary was drawn
+    scores: Tensor = field(init=False)
+    _sizes: list[int] = field(init=False, default_factory=list)
+    _data_part: Tensor = field(init=False)
+    _gen: torch.Generator = field(init=False)
+
+    def bind(self, params: list[Tensor]) -> None:
+        """Place the canaries on the trainable parameters (before training)."""
+        self._sizes = [p.numel() for p in params]
+        total = sum(self._sizes)
+        if self.count > total:
+            raise ConfigError(f"{self.count} canaries need as many trainable coordinates; this "
+                              f"adapter has {total}: use fewer canaries or a larger rank")
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self.coordinates = torch.randperm(total, generator=self._gen)[: self.count]
+        self.included = torch.rand(self.count, generator=self._gen) < 0.5
+        self.sampled = torch.zeros(self.count, dtype=torch.long)
+        self.scores = torch.zeros(self.count, dtype=torch.float64)
+
+    def inject(self, params: list[Tensor]) -> None:
+        """Before Opacus's step: note the real examples' clipped sum at the canary coordinates
+        (Opacus's own clip factors), then Poisson-sample the included canaries and append their
+        gradients as extra per-sample rows."""
+        samples = [p.grad_sample.reshape(len(p.grad_sample), -1) for p in params]
+        norms = torch.cat([g.norm(dim=1, keepdim=True) for g in samples], dim=1).norm(dim=1)
+        factors = (self.norm / (norms + 1e-6)).clamp(max=1.0)
+        clipped_sum = torch.cat([(factors[:, None] * g).sum(0) for g in samples])
+        self._data_part = clipped_sum[self.coordinates.to(clipped_sum.device)].double().cpu()
+
+        drawn = self.included & (torch.rand(self.count, generator=self._gen) < self.sample_rate)
+        self.sampled += drawn
+        chosen = self.coordinates[drawn]
+        start = 0
+        for p, size in zip(params, self._sizes, strict=True):
+            extra = p.new_zeros((len(chosen), size))
+            local = chosen - start
+            inside = (local >= 0) & (local < size)
+            extra[inside.nonzero().squeeze(1), local[inside].to(p.device)] = self.norm
+            p.grad_sample = torch.cat([p.grad_sample, extra.view(len(chosen), *p.shape)])
+            start += size
+
+    def observe(self, params: list[Tensor], expected_batch: float) -> None:
+        """After Opacus's step: p.grad is (clipped sum + noise) / expected batch size."""
+        released = torch.cat([p.grad.reshape(-1) for p in params])[
+            self.coordinates.to(params[0].device)].double().cpu() * expected_batch
+        self.scores += released - self._data_part

@@ -1,0 +1,87 @@
+"""The empirical canary audit: canary scores are exactly what the instrumentation says, the lower
+bound stays under the accounted epsilon of a DP run, and the same audit catches a run whose noise
+is switched off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedlr.adapters import Adapter
+from fedlr.audit import write_audit
+from fedlr.client.canaries import GradientCanaries
+from fedlr.client.empirical_audit import sample_level_audit
+from fedlr.client.training import LocalTrainer
+from fedlr.errors import ConfigError
+from fedlr.privacy import PrivacyLedger
+from fedlr.session import DataSpec, data_session, data_source, model_session
+from fedlr.simconfig import SimulationConfig
+
+AUDITED = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[8], local_steps=20,
+               batch_size=64, lr=0.05, optimizer="sgd", noise_multiplier=2.0, out="unused")
+
+
+@pytest.fixture(scope="module")
+def audits():
+    config = SimulationConfig.load(None, AUDITED)
+    return {"noisy": sample_level_audit(config, 1000, seed=3),
+            "noise off": sample_level_audit(config, 1000, seed=3, noise_multiplier=0.0)}
+
+
+def test_a_dp_run_is_certified_no_more_than_it_claims(audits):
+    noisy = audits["noisy"]
+    assert noisy["noise_multiplier"] == 2.0 and noisy["steps"] == 40
+    assert 0.0 <= noisy["epsilon_lower_bound"] <= noisy["epsilon_claimed"]
+    assert noisy["sampled_at_least_once"] > 0.8 * noisy["included"]  # the canaries took part
+
+
+def test_the_same_audit_catches_a_run_without_noise(audits):
+    off, claimed = audits["noise off"], audits["noisy"]["epsilon_claimed"]
+    assert off["epsilon_lower_bound"] > 3 * claimed  # far above what the noisy run claims
+    assert off["correct"] == off["guesses"]
+    assert off["epsilon_lower_bound"] <= off["ceiling"]
+
+
+def test_without_noise_each_canary_scores_c_per_draw_and_excluded_ones_zero():
+    """The score is the released gradient minus the real examples' clipped part: with sigma = 0
+    that is C times the number of draws, exactly what the instrumentation injected."""
+    config = SimulationConfig.load(None, {**AUDITED, "local_steps": 5, "rounds": 1,
+                                          "noise_multiplier": 0.0, "grad_sample_mode": "hooks"})
+    spec = config.model_spec(data_source(config.dataset, config.task).num_labels)
+    host = model_session(spec, config.alpha, "cpu").host
+    data = data_session(DataSpec(config.dataset, config.task, 3, "iid", 0, config.max_length,
+                                 16), spec)
+    planted = GradientCanaries(200, 0.5, config.max_grad_norm, seed=1)
+    start = Adapter(lora=host.fresh_lora(8, 0), extras=dict(host.initial_head))
+    LocalTrainer(host, config.train_config()).train(
+        "0", start, data.shard(0), rank=8, train_a=False, ledger=PrivacyLedger(), seed=0,
+        canaries=planted)
+    assert planted.sampled[~planted.included].sum() == 0
+    assert planted.sampled[planted.included].sum() > 0
+    expected = config.max_grad_norm * planted.sampled.double()
+    torch.testing.assert_close(planted.scores, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_the_report_states_the_empirical_bound_next_to_the_claim(audits, tmp_path):
+    (tmp_path / "privacy.json").write_text(json.dumps({
+        "delta": 1e-5, "accountant": "prv", "privacy_unit": "one example", "sampling": "Poisson",
+        "budget": None, "max_epsilon": 0.0, "clients": {}}))
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    report = write_audit(tmp_path, {"sample_level": audits["noise off"]})
+    saved = json.loads((tmp_path / "audit.json").read_text())["empirical"]
+    assert {"epsilon_lower_bound", "canaries", "ceiling"} <= saved.keys()
+    text = (tmp_path / "audit.md").read_text()
+    assert f"epsilon lower bound = {saved['epsilon_lower_bound']:.4f}" in text
+    assert not report["flags"]  # noise off claims infinity: the bound is under it
+
+    broken = {**audits["noise off"], "epsilon_claimed": 0.5}
+    flagged = write_audit(tmp_path, {"sample_level": broken})["flags"]
+    assert any(f.startswith("empirical (sample level): the canaries certify") for f in flagged)
+
+
+def test_a_run_without_sample_level_dp_cannot_be_audited_empirically():
+    config = SimulationConfig.load(None, {**AUDITED, "noise_multiplier": None})
+    with pytest.raises(ConfigError, match="no sample-level DP-SGD"):
+        sample_level_audit(config, 100)
