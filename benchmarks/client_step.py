@@ -1,4 +1,4 @@
-"""One client's training step: non-private vs DP-SGD (Opacus hooks, ghost clipping).
+"""One client's training step: non-private vs DP-SGD (Opacus hooks, ghost clipping, fused layers).
 
 Measures, on the default model (all-MiniLM-L6-v2 + LoRA r=8 on query/value, trained head) and the
 default task (stdlib-docs), the step time and the peak memory of each mode, each in its own
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).parent / "results" / "client_step.json"
-MODES = ("non-private", "dp-hooks", "dp-ghost")
+MODES = ("non-private", "dp-hooks", "dp-ghost", "dp-fused")
 
 
 def worker(mode: str, device: str, args: argparse.Namespace) -> dict:

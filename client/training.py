@@ -172,9 +172,9 @@ class LocalTrainer:
             plan = self.plan_dp(dp, n, ledger, trainable)
             ledger.check_budget(plan.segment, dp.delta, dp.budget, client_id)
         if canaries is not None:
-            if plan is None or plan.mode != "hooks":
+            if plan is None or plan.mode not in ("hooks", "fused"):
                 raise ConfigError("gradient canaries need DP-SGD with per-sample gradients "
-                                  "(grad_sample_mode hooks)")
+                                  "(grad_sample_mode hooks or fused)")
             canaries.bind(params)
 
         gen = torch.Generator().manual_seed(seed)
@@ -278,10 +278,41 @@ class StepEngine:
         """Nothing attached."""
 
 
+class FusedLayers:
+    """While training, peft's LoRA Linear layers run fedlr.kernels' fused function for their
+    active adapter, which leaves per-sample gradients on A and B in the ordinary backward (no
+    hooks on them). peft's modules and state dict stay as they are."""
+
+    def __init__(self, model: Any) -> None:
+        from peft.tuners.lora.layer import Linear
+
+        from fedlr.kernels import FusedLoRALinear
+
+        self.patched: list[Any] = []
+        for module in model.modules():
+            if not isinstance(module, Linear):
+                continue
+            (adapter,) = module.active_adapters
+            try:
+                fused = FusedLoRALinear.from_peft(module, adapter, per_sample=True,
+                                                  loss_reduction="mean")
+            except ValueError as exc:
+                self.close()
+                raise ConfigError(f"grad_sample_mode fused: {exc}; use hooks") from None
+            module.forward = fused.forward
+            self.patched.append(module)
+
+    def close(self) -> None:
+        for module in self.patched:
+            del module.forward  # back to peft's own forward
+        self.patched = []
+
+
 class OpacusEngine(StepEngine):
-    """DP-SGD through Opacus: per-sample gradients by hooks (or ghost clipping), clipped to C
-    over all trainable tensors together, Gaussian noise added once per step, averaged over the
-    expected batch size as Poisson sampling requires."""
+    """DP-SGD through Opacus: per-sample gradients by hooks, by the fused LoRA layers (with hooks
+    only where they still run: the head), or ghost clipping; clipped to C over all trainable
+    tensors together, Gaussian noise added once per step, averaged over the expected batch size
+    as Poisson sampling requires."""
 
     def __init__(
         self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan,
@@ -300,6 +331,7 @@ class OpacusEngine(StepEngine):
             "loss_reduction": "mean",
             "generator": noise_gen,
         }
+        self.fused = FusedLayers(model) if plan.mode == "fused" else None
         if plan.mode == "ghost":
             self.hooks: Any = GradSampleHooksFastGradientClipping(
                 model, loss_reduction="mean", max_grad_norm=plan.max_grad_norm,
@@ -338,3 +370,5 @@ class OpacusEngine(StepEngine):
 
     def close(self) -> None:
         self.hooks.cleanup()
+        if self.fused is not None:
+            self.fused.close()

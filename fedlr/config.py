@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fedlr.errors import ConfigError
 
-GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "fused")
 ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")

@@ -179,10 +179,15 @@ class Coordinator:
             })
             messages.append(Message(content=content, dst_node_id=nodes[client],
                                     message_type="train"))
-        node_client = {node: c for c, node in nodes.items()}
+        replies = list(grid.send_and_receive(messages, timeout=self.fed.config.round_timeout))
+        # by the message answered: Flower's own error replies (node offline) come from the
+        # SuperLink, not from the node; the grid gave each message its id when it pushed it
+        sent_to = {m.metadata.message_id: c for m, c in zip(messages, reachable, strict=True)}
         updates, rejected, metrics, bytes_up = [], [], [], 0
-        for reply in grid.send_and_receive(messages, timeout=self.fed.config.round_timeout):
-            client = node_client.get(reply.metadata.src_node_id, "?")
+        for reply in replies:
+            client = sent_to.get(reply.metadata.reply_to_message_id)
+            if client is None:
+                continue  # not an answer to this round's messages
             update, reason, numbers, size = self.parse(client, reply, downlinks.get(client))
             bytes_up += size
             if reason:

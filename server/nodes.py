@@ -41,9 +41,9 @@ class NodeDirectory:
             self.register(reply)
 
     def register(self, reply: Message) -> None:
-        node = reply.metadata.src_node_id
         if reply.has_error():
             return  # asked again at the next refresh
+        node = reply.metadata.src_node_id
         identity = reply.content["identity"]
         client, declared = str(identity["partition-id"]), int(identity["num-partitions"])
         if declared != self.num_clients:
