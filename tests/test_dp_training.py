@@ -145,49 +145,49 @@ def test_noise_has_the_calibrated_standard_deviation_and_is_fresh_each_step(mode
     assert abs(correlation) < 5 / math.sqrt(steps[0].numel())
 
 
-def test_no_noise_and_no_clipping_reproduce_non_private_training():
+def float64_start():
+    """The tiny model in float64 and a start adapter whose B is non-zero (so A gets gradients)."""
     host, data = tiny_host(dtype=torch.float64)
     start = current_adapter(host, RANK)
-    for f in start.lora.values():  # a non-zero B so that A gets gradients too
+    for f in start.lora.values():
         f.B.normal_(generator=torch.Generator().manual_seed(1))
+    return host, data, start
 
-    def run(dp):
-        config = TrainConfig(local_steps=4, batch_size=4, lr=0.05, optimizer="sgd", dp=dp)
-        ledger = PrivacyLedger() if dp else None
-        return LocalTrainer(host, config).train("c", start, data, rank=RANK, ledger=ledger, seed=3)
 
-    private = run(DPConfig(noise_multiplier=0.0, max_grad_norm=1e9, poisson=False))
-    plain = run(None)
-    assert private.adapter.lora.keys() == plain.adapter.lora.keys()
-    for name, f in plain.adapter.lora.items():
-        torch.testing.assert_close(private.adapter.lora[name].A, f.A, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(private.adapter.lora[name].B, f.B, rtol=1e-10, atol=1e-12)
-        assert not torch.equal(f.B, start.lora[name].B)
-    for name, t in plain.adapter.extras.items():
-        torch.testing.assert_close(private.adapter.extras[name], t, rtol=1e-10, atol=1e-12)
+def train_round(host, data, start, dp):
+    config = TrainConfig(local_steps=4, batch_size=4, lr=0.05, optimizer="sgd", dp=dp)
+    ledger = PrivacyLedger() if dp else None
+    return LocalTrainer(host, config).train("c", start, data, rank=RANK, ledger=ledger, seed=3)
+
+
+def assert_same_trained_adapter(got, expected, start, rtol, atol):
+    assert got.lora.keys() == expected.lora.keys()
+    for name, f in expected.lora.items():
+        torch.testing.assert_close(got.lora[name].A, f.A, rtol=rtol, atol=atol)
+        torch.testing.assert_close(got.lora[name].B, f.B, rtol=rtol, atol=atol)
+        assert not torch.equal(f.B, start.lora[name].B)  # it trained
+    for name, t in expected.extras.items():
+        torch.testing.assert_close(got.extras[name], t, rtol=rtol, atol=atol)
+
+
+def test_no_noise_and_no_clipping_reproduce_non_private_training():
+    host, data, start = float64_start()
+    private = train_round(host, data, start,
+                          DPConfig(noise_multiplier=0.0, max_grad_norm=1e9, poisson=False))
+    plain = train_round(host, data, start, None)
+    assert_same_trained_adapter(private.adapter, plain.adapter, start, 1e-10, 1e-12)
 
 
 def test_a_fused_round_equals_the_opacus_hooks_round_and_gives_peft_back():
     """Same data draws and noise draws: the fused LoRA layers train the same adapter as peft's
     layers under Opacus hooks, and the model runs peft's own forward again afterwards."""
-    host, data = tiny_host(dtype=torch.float64)
-    start = current_adapter(host, RANK)
-    for f in start.lora.values():  # a non-zero B so that A gets gradients too
-        f.B.normal_(generator=torch.Generator().manual_seed(1))
-
-    def run(mode):
-        dp = DPConfig(noise_multiplier=0.7, max_grad_norm=0.05, grad_sample_mode=mode)
-        config = TrainConfig(local_steps=4, batch_size=4, lr=0.05, optimizer="sgd", dp=dp)
-        return LocalTrainer(host, config).train("c", start, data, rank=RANK,
-                                                ledger=PrivacyLedger(), seed=3)
-
-    fused, hooks = run("fused"), run("hooks")
-    for name, f in hooks.adapter.lora.items():
-        torch.testing.assert_close(fused.adapter.lora[name].A, f.A, rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(fused.adapter.lora[name].B, f.B, rtol=1e-9, atol=1e-11)
-        assert not torch.equal(f.B, start.lora[name].B)
-    for name, t in hooks.adapter.extras.items():
-        torch.testing.assert_close(fused.adapter.extras[name], t, rtol=1e-9, atol=1e-11)
+    host, data, start = float64_start()
+    fused, hooks = (
+        train_round(host, data, start, DPConfig(noise_multiplier=0.7, max_grad_norm=0.05,
+                                                 grad_sample_mode=mode))
+        for mode in ("fused", "hooks")
+    )
+    assert_same_trained_adapter(fused.adapter, hooks.adapter, start, 1e-9, 1e-11)
     assert not any("forward" in vars(m) for m in host.model(RANK).modules())
 
 
