@@ -271,3 +271,14 @@ def test_a_base_update_is_merged_exactly_and_replaced_not_accumulated():
     torch.testing.assert_close(host.base_layer(module).weight, w0 + first.dense())
     host.set_base_delta({})
     assert torch.equal(host.base_layer(module).weight, w0)
+
+
+def test_dp_training_uses_the_fused_layers_unless_lora_dropout_needs_peft():
+    host, data, start = float64_start()
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    assert train_round(host, data, start, dp).metrics["grad_sample_mode"] == "fused"
+    host.dropout = 0.1  # peft's dropout is not in the fused layer: Opacus hooks on peft's
+    try:
+        assert train_round(host, data, start, dp).metrics["grad_sample_mode"] == "hooks"
+    finally:
+        host.dropout = 0.0
