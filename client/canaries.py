@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fedlr.errors import ConfigError
+from fedlr.kernels import per_sample_norms
 
 
 @dataclass
@@ -34,14 +35,14 @@ class GradientCanaries:
     included: Tensor = field(init=False)
     sampled: Tensor = field(init=False)  # how often each included canary was drawn
     scores: Tensor = field(init=False)
-    _sizes: list[int] = field(init=False, default_factory=list)
+    _params: list[Tensor] = field(init=False, default_factory=list)
     _data_part: Tensor = field(init=False)
     _gen: torch.Generator = field(init=False)
 
     def bind(self, params: list[Tensor]) -> None:
         """Place the canaries on the trainable parameters (before training)."""
-        self._sizes = [p.numel() for p in params]
-        total = sum(self._sizes)
+        self._params = params
+        total = sum(p.numel() for p in params)
         if self.count > total:
             raise ConfigError(f"{self.count} canaries need as many trainable coordinates; this "
                               f"adapter has {total}: use fewer canaries or a larger rank")
@@ -51,13 +52,13 @@ class GradientCanaries:
         self.sampled = torch.zeros(self.count, dtype=torch.long)
         self.scores = torch.zeros(self.count, dtype=torch.float64)
 
-    def inject(self, params: list[Tensor]) -> None:
+    def inject(self) -> None:
         """Before Opacus's step: note the real examples' clipped sum at the canary coordinates
         (Opacus's own clip factors), then Poisson-sample the included canaries and append their
         gradients as extra per-sample rows."""
+        params = self._params
         samples = [p.grad_sample.reshape(len(p.grad_sample), -1) for p in params]
-        norms = torch.cat([g.norm(dim=1, keepdim=True) for g in samples], dim=1).norm(dim=1)
-        factors = (self.norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = (self.norm / (per_sample_norms(samples) + 1e-6)).clamp(max=1.0)
         clipped_sum = torch.cat([(factors[:, None] * g).sum(0) for g in samples])
         self._data_part = clipped_sum[self.coordinates.to(clipped_sum.device)].double().cpu()
 
@@ -65,7 +66,8 @@ class GradientCanaries:
         self.sampled += drawn
         chosen = self.coordinates[drawn]
         start = 0
-        for p, size in zip(params, self._sizes, strict=True):
+        for p in params:
+            size = p.numel()
             extra = p.new_zeros((len(chosen), size))
             local = chosen - start
             inside = (local >= 0) & (local < size)
@@ -73,8 +75,8 @@ class GradientCanaries:
             p.grad_sample = torch.cat([p.grad_sample, extra.view(len(chosen), *p.shape)])
             start += size
 
-    def observe(self, params: list[Tensor], expected_batch: float) -> None:
+    def observe(self, expected_batch: float) -> None:
         """After Opacus's step: p.grad is (clipped sum + noise) / expected batch size."""
-        released = torch.cat([p.grad.reshape(-1) for p in params])[
-            self.coordinates.to(params[0].device)].double().cpu() * expected_batch
+        released = torch.cat([p.grad.reshape(-1) for p in self._params])[
+            self.coordinates.to(self._params[0].device)].double().cpu() * expected_batch
         self.scores += released - self._data_part

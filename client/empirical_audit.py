@@ -19,7 +19,7 @@ from fedlr.client.canaries import GradientCanaries
 from fedlr.client.training import LocalTrainer
 from fedlr.errors import ConfigError
 from fedlr.privacy import PrivacyLedger
-from fedlr.session import DataSpec, data_session, data_source, model_session
+from fedlr.session import data_session, data_source, model_session
 from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import STRATEGIES
 
@@ -49,9 +49,7 @@ def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int = 0
     labels = data_source(config.dataset, config.task).num_labels
     spec = config.model_spec(labels)
     host = model_session(spec, config.alpha, "cpu").host
-    data = data_session(DataSpec(config.dataset, config.task, config.num_clients,
-                                 config.partition, config.seed, config.max_length,
-                                 config.eval_examples), spec)
+    data = data_session(config.data_spec(), spec)
     strategy = STRATEGIES[config.strategy]
     head = (config.head or strategy.default_head) == "train" and bool(host.head_shapes)
     rank = config.client_ranks()["0"]

@@ -187,7 +187,7 @@ class LocalTrainer:
         optimizer = self._optimizer(params)
         model.train()
         losses: list[float] = []
-        with self._dp_engine(model, optimizer, plan, noise_gen, n, canaries, params) as engine:
+        with self._dp_engine(model, optimizer, plan, noise_gen, n, canaries) as engine:
             for indices in self._batches(n, plan, gen):
                 engine.zero_grad()
                 if not indices:
@@ -247,12 +247,10 @@ class LocalTrainer:
     def _dp_engine(
         self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan | None,
         noise_gen: torch.Generator, n: int, canaries: GradientCanaries | None,
-        params: list[Tensor],
     ) -> Iterator[StepEngine]:
         engine = (
             StepEngine(optimizer) if plan is None
-            else OpacusEngine(model, optimizer, plan, noise_gen, plan.sample_rate * n,
-                              canaries, params)
+            else OpacusEngine(model, optimizer, plan, noise_gen, plan.sample_rate * n, canaries)
         )
         try:
             yield engine
@@ -321,13 +319,12 @@ class OpacusEngine(StepEngine):
     def __init__(
         self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan,
         noise_gen: torch.Generator, expected_batch: float,
-        canaries: GradientCanaries | None = None, params: list[Tensor] | None = None,
+        canaries: GradientCanaries | None = None,
     ) -> None:
         from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-        self.plan, self.canaries, self.params = plan, canaries, params or []
-        self.expected_batch = expected_batch
+        self.plan, self.canaries, self.expected_batch = plan, canaries, expected_batch
         common = {
             "noise_multiplier": plan.noise_multiplier,
             "max_grad_norm": plan.max_grad_norm,
@@ -368,9 +365,9 @@ class OpacusEngine(StepEngine):
         if self.canaries is None:
             self.optimizer.step()
             return
-        self.canaries.inject(self.params)  # an audit: canary gradients join the batch's
+        self.canaries.inject()  # an audit: canary gradients join the batch's
         self.optimizer.step()
-        self.canaries.observe(self.params, self.expected_batch)
+        self.canaries.observe(self.expected_batch)
 
     def close(self) -> None:
         self.hooks.cleanup()

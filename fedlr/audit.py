@@ -13,10 +13,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from fedlr.adapters import atomic_write
 from fedlr.client_dp import ClientDPConfig, client_level_epsilon
 from fedlr.errors import ConfigError
 from fedlr.privacy import dp_accounting_epsilon, opacus_epsilon
@@ -257,13 +257,10 @@ def write_audit(run: Path, empirical: dict[str, dict[str, Any]] | None = None
     report = audit_run(run, empirical)
     metrics_path = run / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    _replace(run / "audit.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    _replace(run / "audit.md", markdown(report))
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    atomic_write(run / "audit.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(run / "audit.md",
+                 lambda tmp: Path(tmp).write_text(markdown(report), encoding="utf-8"))
     plot(report, metrics, run / "audit.png")
     return report
 
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -133,18 +133,20 @@ def _trains_head(strategy: Strategy, state: GlobalState) -> bool:
     return strategy.head == "train" and bool(state.extras)
 
 
-def _release_space(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
-    """Zeros shaped like everything that is noised: fixed by the state, never by the updates."""
-    space: dict[str, Tensor] = {}
+def released(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
+    """The state's tensors a private round changes, keyed as `client_delta` keys the deltas: B
+    (and A when trained) of every module, the head when trained. Fixed by the state, never by
+    the updates, so it is also exactly the space that is noised."""
+    tensors: dict[str, Tensor] = {}
     for name in sorted(state.lora):
         g = state.lora[name]
-        space[f"lora_B::{name}"] = torch.zeros_like(g.B)
+        tensors[f"lora_B::{name}"] = g.B
         if strategy.trains_a:
-            space[f"lora_A::{name}"] = torch.zeros_like(g.A)
+            tensors[f"lora_A::{name}"] = g.A
     if _trains_head(strategy, state):
         for name in sorted(state.extras):
-            space[f"extra::{name}"] = torch.zeros_like(state.extras[name])
-    return space
+            tensors[f"extra::{name}"] = state.extras[name]
+    return tensors
 
 
 def _padded(x: LowRank, rank: int) -> tuple[Tensor, Tensor]:
@@ -158,7 +160,7 @@ def _padded(x: LowRank, rank: int) -> tuple[Tensor, Tensor]:
 def client_delta(
     strategy: Strategy, state: GlobalState, update: ClientUpdate, start: Adapter
 ) -> dict[str, Tensor]:
-    """The update minus its own start, in the padded effective space `_release_space` names."""
+    """The update minus its own start, in the padded effective space `released` names."""
     delta: dict[str, Tensor] = {}
     for name in sorted(state.lora):
         rank = state.lora[name].rank
@@ -246,7 +248,7 @@ def dp_fedavg(
             f"expected clients per round must be a number > 0, got {expected_clients!r}; "
             "pass q * N for Poisson sampling or the sample size for fixed-size sampling"
         )
-    total = _release_space(strategy, state)
+    total = {key: torch.zeros_like(t) for key, t in released(strategy, state).items()}
     pre, post = {}, {}
     for update in updates:
         cid = update.client_id

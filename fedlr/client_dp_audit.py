@@ -11,7 +11,6 @@ in its pre-SVD form (FFA-LoRA's release), since its SVD is post-processing of th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from fedlr.adapters import Adapter, LoraFactors, load_adapter
 from fedlr.audit_bounds import best_one_run_bound, canary_report
-from fedlr.client_dp import ClientDPConfig, client_level_epsilon, dp_fedavg
+from fedlr.client_dp import ClientDPConfig, client_level_epsilon, dp_fedavg, l2_norm, released
 from fedlr.errors import ConfigError
 from fedlr.lowrank import LowRank
 from fedlr.simconfig import SimulationConfig
@@ -35,16 +34,6 @@ def _auditable(strategy: Strategy) -> Strategy:
                          seed=strategy.seed)
 
 
-def _space(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
-    """The released coordinates, as in dp_fedavg: B (and A if trained), the head if trained."""
-    space = {f"B::{n}": g.B for n, g in state.lora.items()}
-    if strategy.trains_a:
-        space.update({f"A::{n}": g.A for n, g in state.lora.items()})
-    if strategy.head == "train":
-        space.update({f"extra::{n}": t for n, t in state.extras.items()})
-    return space
-
-
 def _flat(space: dict[str, Tensor]) -> Tensor:
     return torch.cat([space[k].reshape(-1).double() for k in sorted(space)])
 
@@ -55,8 +44,8 @@ def _canary_update(cid: str, start: Adapter, strategy: Strategy, state: GlobalSt
     lora = {}
     for name, factors in start.lora.items():
         x = factors.effective()
-        B = x.B + direction[f"B::{name}"]
-        A = x.A + direction[f"A::{name}"] if strategy.trains_a else x.A
+        B = x.B + direction[f"lora_B::{name}"]
+        A = x.A + direction[f"lora_A::{name}"] if strategy.trains_a else x.A
         lora[name] = LoraFactors.from_effective(LowRank(B, A), factors.scaling)
     extras = {n: t + direction.get(f"extra::{n}", 0) for n, t in state.extras.items()}
     return ClientUpdate(cid, Adapter(lora=lora, extras=extras), 1)
@@ -74,12 +63,12 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
     q = per_round / num_clients
     client = max(strategy.spec.ranks, key=lambda c: strategy.spec.ranks[c])
     start = strategy.downlink(state, client)
-    base = _space(strategy, state)
+    base = released(strategy, state)
     keys = sorted(base)
     directions = []
     for _ in range(canaries):
         raw = {k: torch.randn(base[k].shape, generator=gen, dtype=base[k].dtype) for k in keys}
-        norm = math.sqrt(sum(float(t.square().sum()) for t in raw.values()))
+        norm = l2_norm(raw)
         directions.append({k: t * (2 * config.clip_norm / norm) for k, t in raw.items()})
     units = torch.stack([_flat(d) for d in directions])
     units /= units.norm(dim=1, keepdim=True)
@@ -94,8 +83,8 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
         updates = [_canary_update(i, start, strategy, state, directions[int(i)]) for i in ids]
         new_state, _ = dp_fedavg(strategy, state, updates, dict.fromkeys(ids, start), config,
                                  expected_clients=per_round, generator=gen)
-        released = (_flat(_space(strategy, new_state)) - before) * per_round
-        scores += units @ released
+        noisy_sum = (_flat(released(strategy, new_state)) - before) * per_round
+        scores += units @ noisy_sum
     bound = best_one_run_bound(scores.tolist(), included.tolist(), config.delta, significance)
     return {
         "kind": "client level, one run, canary clients",

@@ -18,6 +18,7 @@ from fedlr.config import DPConfig, TrainConfig
 from fedlr.data import BUILTIN, PartitionScheme, names_a_file
 from fedlr.errors import ConfigError
 from fedlr.models import TASKS, ModelSpec, resolve_source
+from fedlr.session import DataSpec
 from fedlr.strategies import STRATEGIES
 from fedlr.strategies.base import HEAD_MODES, HETERO_METHODS
 
@@ -211,6 +212,11 @@ class SimulationConfig:
             max_length=self.max_length,
             seed=self.seed,
         )
+
+    def data_spec(self) -> DataSpec:
+        """How every process loads and partitions this run's data (the server, each client)."""
+        return DataSpec(self.dataset, self.task, self.num_clients, self.partition, self.seed,
+                        self.max_length, self.eval_examples)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

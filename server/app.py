@@ -9,6 +9,7 @@ holds scalars only; `resume = true` continues the run in `out`.
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from typing import Any
 
 from flwr.app import Context
@@ -21,6 +22,7 @@ from fedlr.simconfig import SimulationConfig
 
 app = ServerApp()
 LISTS = {"ranks": int, "targets": str}
+OPTIONAL = [f.name for f in fields(SimulationConfig) if f.default is None]  # unset: None
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[SimulationConfig, bool]:
@@ -32,9 +34,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[SimulationConfig
                 values[key] = [kind(x.strip()) for x in values[key].split(",") if x.strip()]
             except ValueError:
                 raise ConfigError(f"{key} must be comma-separated, got {values[key]!r}") from None
-    for key in ("clients_per_round", "noise_multiplier", "target_epsilon", "max_epsilon",
-                "export_rank", "max_update_norm", "head", "out", "round_timeout",
-                "client_noise_multiplier", "client_clip_norm"):
+    for key in OPTIONAL:
         if values.get(key) in ("", "none", "None"):  # a scalar-only config spells "unset" so
             values[key] = None
     return SimulationConfig.load(None, values), resume

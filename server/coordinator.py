@@ -78,10 +78,7 @@ class Federation:
         labels = data_source(config.dataset, config.task).num_labels
         spec = config.model_spec(labels)
         model = load_model_session(spec, config.alpha)
-        data_spec = DataSpec(
-            config.dataset, config.task, config.num_clients, config.partition, config.seed,
-            config.max_length, config.eval_examples,
-        )
+        data_spec = config.data_spec()
         data = data_session(data_spec, spec)
         federation = FederationSpec(
             modules=model.host.shapes,
