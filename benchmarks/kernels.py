@@ -3,7 +3,8 @@
 1. One layer, forward + backward (gradients of x and of the adapter; the base is frozen): the
    frozen base nn.Linear alone, peft's LoRA Linear, fedlr.kernels' fused layer, and the fused
    layer with per-sample gradients (what DP-SGD needs), at each shape, median of interleaved
-   repeats, side by side in one process.
+   repeats, side by side in one process. On CUDA the fused layer runs the Triton kernels, and
+   "fused-torch" is the same layer through the plain-torch function.
 2. One client's DP training step on the default model (all-MiniLM-L6-v2, LoRA r=8 on
    query/value, trained head): non-private, Opacus hooks, fused layers (hooks for the head only),
    through benchmarks/client_step.py's worker, one fresh process per run.
@@ -15,6 +16,7 @@ Run: python benchmarks/kernels.py [--repeats 5] [--skip-step]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import subprocess
@@ -30,7 +32,7 @@ from torch import nn
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
 CPU_SHAPES = [(1024, 1024, 16, 2048), (768, 768, 8, 2048)]  # d_in, d_out, r, tokens
 CUDA_SHAPES = [(4096, 4096, 16, 8192)]
-LAYERS = ("base", "peft", "fused", "fused-per-sample")
+LAYERS = ("base", "peft", "fused", "fused-per-sample", "fused-torch")
 STEP_MODES = ("non-private", "dp-hooks", "dp-fused")
 
 
@@ -50,7 +52,8 @@ def make_layer(kind: str, d_in: int, d_out: int, r: int, device: str, dtype: tor
     nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     if kind == "peft":
         return model
-    return FusedLoRALinear.from_peft(layer, "default", per_sample=kind == "fused-per-sample")
+    return FusedLoRALinear.from_peft(layer, "default", per_sample=kind == "fused-per-sample",
+                                     kernel="torch" if kind == "fused-torch" else "auto")
 
 
 def time_layer(layer, x: torch.Tensor, device: str, iters: int) -> float:
@@ -74,6 +77,11 @@ def time_layer(layer, x: torch.Tensor, device: str, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def fused_kernel(device: str) -> str:
+    """Which kernels the fused layer runs here (lora_linear's "auto" on this benchmark's dtype)."""
+    return "triton" if device == "cuda" and importlib.util.find_spec("triton") else "torch"
+
+
 def layer_rows(device: str, repeats: int, iters: int) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
@@ -81,15 +89,17 @@ def layer_rows(device: str, repeats: int, iters: int) -> list[dict]:
         batch = 16
         x = torch.randn(batch, tokens // batch, d_in, device=device, dtype=dtype,
                         requires_grad=True)
-        layers = {kind: make_layer(kind, d_in, d_out, r, device, dtype) for kind in LAYERS}
-        times: dict[str, list[float]] = {kind: [] for kind in LAYERS}
+        # on CPU "fused" is the plain-torch function already
+        kinds = LAYERS if device == "cuda" else LAYERS[:-1]
+        layers = {kind: make_layer(kind, d_in, d_out, r, device, dtype) for kind in kinds}
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
         for _ in range(repeats):  # interleaved, so drift hits every layer alike
             for kind, layer in layers.items():
                 times[kind].append(time_layer(layer, x, device, iters))
         median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         rows.append({
             "device": device, "dtype": str(dtype).removeprefix("torch."), "d_in": d_in,
-            "d_out": d_out, "rank": r, "tokens": tokens,
+            "d_out": d_out, "rank": r, "tokens": tokens, "fused_kernel": fused_kernel(device),
             "seconds": median, "seconds_all": times,
             "fused_vs_base": median["fused"] / median["base"],
             "peft_vs_fused": median["peft"] / median["fused"],
@@ -137,15 +147,17 @@ def main() -> None:
     }, indent=2) + "\n")
 
     table = Table(title="one LoRA layer, forward + backward (ms, median)")
-    for column in ("device", "d_in x d_out, r, N", "base", "peft", "fused", "fused+ps",
-                   "fused/base", "peft/fused"):
+    for column in ("device", "d_in x d_out, r, N", "kernel", "base", "peft", "fused",
+                   "fused+ps", "fused-torch", "fused/base", "peft/fused"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in layers:
+        ms = {k: f"{v * 1e3:.1f}" for k, v in row["seconds"].items()}
         table.add_row(row["device"], f"{row['d_in']}x{row['d_out']}, {row['rank']}, "
-                      f"{row['tokens']}", *(f"{row['seconds'][k] * 1e3:.1f}" for k in LAYERS),
+                      f"{row['tokens']}", row["fused_kernel"], *(ms.get(k, "-") for k in LAYERS),
                       f"{row['fused_vs_base']:.2f}", f"{row['peft_vs_fused']:.2f}")
     console.print(table)
-    console.print("fused+ps: the fused layer with per-sample gradients of A and B (DP-SGD)")
+    console.print("fused+ps: the fused layer with per-sample gradients of A and B (DP-SGD); "
+                  "fused-torch: the plain-torch function on CUDA")
     if steps:
         table = Table(title="training step on the default model (s, median)")
         for column in ("device", *STEP_MODES, "fused/non-private", "hooks/non-private"):

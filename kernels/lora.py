@@ -21,6 +21,8 @@ plain-torch version defines the meaning of the fused kernels and is the CPU prod
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 LOSS_REDUCTIONS = ("sum", "mean")
+KERNELS = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Merging W + s B A in half precision rounds a small update away (it is ~1e-3 of W).
 _MERGE_DTYPES = (torch.float32, torch.float64)
 
@@ -68,7 +72,7 @@ def _per_sample_grads(
     return dA, dB
 
 
-def _store_per_sample(
+def store_per_sample(
     params: tuple[Tensor, Tensor], grads: tuple[Tensor | None, Tensor | None], reduction: str
 ) -> tuple[Tensor | None, Tensor | None]:
     """Attach per-example grads to A and B and return their sums for autograd. Under a mean
@@ -131,17 +135,48 @@ class _LoRALinear(torch.autograd.Function):
 
         if ctx.grad_sample_targets is not None:
             grads = _per_sample_grads(x, grad_out, h_s, u_s if need_A else None)
-            grad_A, grad_B = _store_per_sample(ctx.grad_sample_targets, grads,
-                                               ctx.loss_reduction)
+            grad_A, grad_B = store_per_sample(ctx.grad_sample_targets, grads,
+                                              ctx.loss_reduction)
         else:
             grad_A = u_s.T @ x2 if need_A else None
             grad_B = g2.T @ h_s if need_B else None
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_kernels(kernel: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor) -> Any:
+    """fedlr.kernels.lora_triton when `kernel` asks for it, else None; "triton" where it cannot
+    run is an error. "auto" takes Triton for CUDA tensors on tensor cores: fp16, bf16, and fp32
+    only where torch allows TF32 (exact fp32 GEMMs are cuBLAS's strength, not Triton's)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    installed = _triton_installed()
+    runnable = x.dtype in TRITON_DTYPES and len({x.dtype, weight.dtype, A.dtype, B.dtype}) == 1
+    tensor_cores = x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    if kernel == "torch" or (
+        kernel == "auto" and not (x.is_cuda and installed and runnable and tensor_cores)
+    ):
+        return None
+    if not installed:
+        raise ValueError("kernel='triton' needs the triton package: pip install triton")
+    if not runnable:
+        raise ValueError(f"the Triton kernels take x, W, A and B all of one dtype in "
+                         f"{TRITON_DTYPES}; got {x.dtype}, {weight.dtype}, {A.dtype}, {B.dtype}")
+    from fedlr.kernels import lora_triton
+
+    if not x.is_cuda and not lora_triton.INTERPRETING:
+        raise ValueError("the Triton kernels run on CUDA tensors; on CPU only under Triton's "
+                         "interpreter (TRITON_INTERPRET=1 set before fedlr.kernels is imported)")
+    return lora_triton
+
+
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-    per_sample: bool = False, loss_reduction: str = "mean",
+    per_sample: bool = False, loss_reduction: str = "mean", kernel: str = "auto",
 ) -> Tensor:
     """y = x W^T + b + scaling (x A^T) B^T for x of shape (..., d_in); W and b must be frozen.
 
@@ -149,6 +184,8 @@ def lora_linear(
     `B.grad_sample` (batch x d_out x r), the first dimension of x indexing examples; pass the
     parameters themselves as A and B. loss_reduction: how the loss combines examples ("mean" or
     "sum", as Opacus's); under "mean" the stored grads are those of each example's own loss.
+    kernel: "torch" (this module's function), "triton" (fedlr.kernels.lora_triton) or "auto":
+    Triton for CUDA tensors in fp16/bf16 (fp32 with TF32 allowed) when installed, else torch.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear trains only A and B: freeze the base weight and bias")
@@ -156,7 +193,9 @@ def lora_linear(
         raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
     if per_sample and x.dim() < 2:
         raise ValueError("per-sample gradients need a batch dimension: x is (batch, ..., d_in)")
-    return _LoRALinear.apply(x, weight, bias, A, B, float(scaling), per_sample, loss_reduction)
+    triton_kernels = _triton_kernels(kernel, x, weight, A, B)
+    function = _LoRALinear if triton_kernels is None else triton_kernels.TritonLoRALinear
+    return function.apply(x, weight, bias, A, B, float(scaling), per_sample, loss_reduction)
 
 
 class FusedLoRALinear(nn.Module):
@@ -169,13 +208,13 @@ class FusedLoRALinear(nn.Module):
 
     def __init__(
         self, base_layer: nn.Linear, lora_A: nn.Linear, lora_B: nn.Linear, scaling: float,
-        *, per_sample: bool = False, loss_reduction: str = "mean",
+        *, per_sample: bool = False, loss_reduction: str = "mean", kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.lora_A, self.lora_B = lora_A, lora_B
         self.scaling = scaling
-        self.per_sample, self.loss_reduction = per_sample, loss_reduction
+        self.per_sample, self.loss_reduction, self.kernel = per_sample, loss_reduction, kernel
 
     @classmethod
     def new(cls, base_layer: nn.Linear, r: int, alpha: float, **options: Any) -> FusedLoRALinear:
@@ -213,11 +252,11 @@ class FusedLoRALinear(nn.Module):
         base = self.base_layer
         return lora_linear(
             x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-            per_sample=self.per_sample, loss_reduction=self.loss_reduction,
+            per_sample=self.per_sample, loss_reduction=self.loss_reduction, kernel=self.kernel,
         )
 
     def extra_repr(self) -> str:
-        return f"scaling={self.scaling}, per_sample={self.per_sample}"
+        return f"scaling={self.scaling}, per_sample={self.per_sample}, kernel={self.kernel!r}"
 
 
 def _grad_samples(param: Tensor) -> tuple[Tensor, int]:
