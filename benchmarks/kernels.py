@@ -16,7 +16,6 @@ Run: python benchmarks/kernels.py [--repeats 5] [--skip-step]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import subprocess
@@ -77,12 +76,9 @@ def time_layer(layer, x: torch.Tensor, device: str, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def fused_kernel(device: str) -> str:
-    """Which kernels the fused layer runs here (lora_linear's "auto" on this benchmark's dtype)."""
-    return "triton" if device == "cuda" and importlib.util.find_spec("triton") else "torch"
-
-
 def layer_rows(device: str, repeats: int, iters: int) -> list[dict]:
+    from fedlr.kernels.lora import uses_triton
+
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     for d_in, d_out, r, tokens in CUDA_SHAPES if device == "cuda" else CPU_SHAPES:
@@ -97,9 +93,13 @@ def layer_rows(device: str, repeats: int, iters: int) -> list[dict]:
             for kind, layer in layers.items():
                 times[kind].append(time_layer(layer, x, device, iters))
         median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        fused = layers["fused"]  # which kernels lora_linear's "auto" ran it on
+        on_triton = uses_triton("auto", x, fused.base_layer.weight, fused.lora_A.weight,
+                                fused.lora_B.weight)
         rows.append({
             "device": device, "dtype": str(dtype).removeprefix("torch."), "d_in": d_in,
-            "d_out": d_out, "rank": r, "tokens": tokens, "fused_kernel": fused_kernel(device),
+            "d_out": d_out, "rank": r, "tokens": tokens,
+            "fused_kernel": "triton" if on_triton else "torch",
             "seconds": median, "seconds_all": times,
             "fused_vs_base": median["fused"] / median["base"],
             "peft_vs_fused": median["peft"] / median["fused"],

@@ -148,10 +148,11 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_kernels(kernel: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor) -> Any:
-    """fedlr.kernels.lora_triton when `kernel` asks for it, else None; "triton" where it cannot
-    run is an error. "auto" takes Triton for CUDA tensors on tensor cores: fp16, bf16, and fp32
-    only where torch allows TF32 (exact fp32 GEMMs are cuBLAS's strength, not Triton's)."""
+def uses_triton(kernel: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor) -> bool:
+    """Whether `lora_linear` with this `kernel` choice runs the Triton kernels on these tensors;
+    "triton" where they cannot run is an error. "auto" takes Triton for CUDA tensors on tensor
+    cores: fp16, bf16, and fp32 only where torch allows TF32 (exact fp32 GEMMs are cuBLAS's
+    strength, not Triton's)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     installed = _triton_installed()
@@ -160,7 +161,7 @@ def _triton_kernels(kernel: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor
     if kernel == "torch" or (
         kernel == "auto" and not (x.is_cuda and installed and runnable and tensor_cores)
     ):
-        return None
+        return False
     if not installed:
         raise ValueError("kernel='triton' needs the triton package: pip install triton")
     if not runnable:
@@ -171,7 +172,7 @@ def _triton_kernels(kernel: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor
     if not x.is_cuda and not lora_triton.INTERPRETING:
         raise ValueError("the Triton kernels run on CUDA tensors; on CPU only under Triton's "
                          "interpreter (TRITON_INTERPRET=1 set before fedlr.kernels is imported)")
-    return lora_triton
+    return True
 
 
 def lora_linear(
@@ -193,8 +194,9 @@ def lora_linear(
         raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
     if per_sample and x.dim() < 2:
         raise ValueError("per-sample gradients need a batch dimension: x is (batch, ..., d_in)")
-    triton_kernels = _triton_kernels(kernel, x, weight, A, B)
-    function = _LoRALinear if triton_kernels is None else triton_kernels.TritonLoRALinear
+    function: Any = _LoRALinear
+    if uses_triton(kernel, x, weight, A, B):
+        from fedlr.kernels.lora_triton import TritonLoRALinear as function
     return function.apply(x, weight, bias, A, B, float(scaling), per_sample, loss_reduction)
 
 

@@ -265,8 +265,7 @@ def backward(
             segments * triton.cdiv(seg_len, m["BLOCK_M"]) * triton.cdiv(d_in, m["BLOCK_N"]),)
         _dx_kernel[tiles](
             g2, weight, u, A, x2, dx if need_x else x2, da if need_A else x2, seg_len, segments,
-            d_in,
-            d_out, r, *g2.stride(), *weight.stride(), *u.stride(), *A.stride(), *x2.stride(),
+            d_in, d_out, r, *g2.stride(), *weight.stride(), *u.stride(), *A.stride(), *x2.stride(),
             *(dx.stride() if need_x else (0, 0)), *(da.stride() if need_A else (0, 0, 0)),
             WRITE_DX=need_x, WRITE_DA=need_A, **options,
         )
