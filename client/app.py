@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from fedlr.adapters import adapter_from_tensors
 from fedlr.client.training import LocalTrainer
 from fedlr.errors import FedlrError
+from fedlr.models import resolve_device
 from fedlr.payload import Job, adapter_payload
 from fedlr.privacy import PrivacyLedger
 from fedlr.session import data_session, local_shard, model_session
@@ -87,7 +88,7 @@ def identify(msg: Message, context: Context) -> Message:
     identity = ConfigRecord({
         "partition-id": int(node["partition-id"]),
         "num-partitions": int(node["num-partitions"]),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": resolve_device().type,
         "data": str(node.get("data-path", "its partition of the run's dataset")),
     })
     return Message(content=RecordDict({"identity": identity}), reply_to=msg)

@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedlr.client_dp import ACCOUNTANTS as CLIENT_ACCOUNTANTS
+from fedlr.client_dp import SAMPLING_MODES as SAMPLINGS
+from fedlr.config import ACCOUNTANTS as SAMPLE_ACCOUNTANTS
 from fedlr.errors import ConfigError
 
-SAMPLE_ACCOUNTANTS = ("prv", "rdp")
-CLIENT_ACCOUNTANTS = ("rdp", "pld")
-SAMPLINGS = ("poisson", "fixed")
 MAX_NOISE = 1000.0  # a noise multiplier beyond this leaves nothing to learn; plans stop here
 MIN_NOISE = 1e-4
 REL_TOL = 1e-3  # client-level reverse: the solved z is within this factor of the smallest one
