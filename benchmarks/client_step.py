@@ -33,7 +33,7 @@ MODES = ("non-private", "dp-hooks", "dp-ghost", "dp-fused")
 def worker(mode: str, device: str, args: argparse.Namespace) -> dict:
     """Run in a fresh process: load, warm up, time N steps, report peaks."""
     from fedlr.batches import encode
-    from fedlr.client.training import LocalTrainer
+    from fedlr.client.training import LocalTrainer, ShuffledBatches
     from fedlr.config import DPConfig, TrainConfig
     from fedlr.data import load_data
     from fedlr.models import LoraHost, ModelSpec, default_targets, load_base_model, load_tokenizer
@@ -54,9 +54,15 @@ def worker(mode: str, device: str, args: argparse.Namespace) -> dict:
     dp = None
     if mode != "non-private":
         dp = DPConfig(
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson=False,
+            noise_multiplier=1.0, max_grad_norm=1.0,
             grad_sample_mode=mode.removeprefix("dp-"),
         )
+
+    class FixedSizeBatches(LocalTrainer):
+        """Timing only: the same fixed-size batches in every mode (not a private sampler)."""
+
+        def batches(self, n, plan, generator):
+            return ShuffledBatches(n, self.config.batch_size, self.config.local_steps, generator)
 
     def run(steps: int) -> float:
         config = TrainConfig(local_steps=steps, batch_size=args.batch_size, lr=1e-3,
@@ -65,7 +71,7 @@ def worker(mode: str, device: str, args: argparse.Namespace) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        LocalTrainer(host, config).train("c", start, encoded, rank=args.rank, ledger=ledger)
+        FixedSizeBatches(host, config).train("c", start, encoded, rank=args.rank, ledger=ledger)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -1,10 +1,12 @@
 """White-box gradient canaries for an empirical sample-level DP audit (one training run).
 
-A canary is an extra "example" whose per-sample gradient the auditor chooses: C times a unit
-vector at one coordinate of the trainable LoRA/head parameters (distinct coordinates, so the
-canaries are orthogonal). Each of the M canaries is put in the training set with probability 1/2;
-an included canary is Poisson-sampled at every step with the run's rate q, like every real
-example, and its gradient goes through Opacus's clipping and noise with the others.
+A canary is an extra example whose per-sample gradient the auditor chooses: C times a unit vector
+at one coordinate of the trainable LoRA/head parameters (distinct coordinates, so the canaries are
+orthogonal). The M canaries are indices of the training set after the real examples, so the
+trainer's own sampler draws them, at its own rate, like every real example; each canary is in the
+data set with probability 1/2 (from OS entropy), and a drawn canary that is in it adds its
+gradient to the batch, through Opacus's clipping and noise with the others. A sampler that is not
+what the accountant assumes (fixed batches, a wrong q) shows in the scores.
 
 The auditor sees every step's released (clipped, summed, noised) gradient and knows the data:
 its score for a canary is the sum over steps of the released gradient at the canary's coordinate
@@ -23,21 +25,20 @@ from torch import Tensor
 
 from fedlr.errors import ConfigError
 from fedlr.kernels import per_sample_norms
+from fedlr.privacy import private_generator
 
 
 @dataclass
 class GradientCanaries:
     count: int
-    sample_rate: float
     norm: float  # the clipping bound C: a canary's gradient is never clipped, never smaller
-    seed: int
+    seed: int | None = None  # tests only: a run draws inclusion from OS entropy
     coordinates: Tensor = field(init=False)
     included: Tensor = field(init=False)
     sampled: Tensor = field(init=False)  # how often each included canary was drawn
     scores: Tensor = field(init=False)
     _params: list[Tensor] = field(init=False, default_factory=list)
     _data_part: Tensor = field(init=False)
-    _gen: torch.Generator = field(init=False)
 
     def bind(self, params: list[Tensor]) -> None:
         """Place the canaries on the trainable parameters (before training)."""
@@ -46,25 +47,27 @@ class GradientCanaries:
         if self.count > total:
             raise ConfigError(f"{self.count} canaries need as many trainable coordinates; this "
                               f"adapter has {total}: use fewer canaries or a larger rank")
-        self._gen = torch.Generator().manual_seed(self.seed)
-        self.coordinates = torch.randperm(total, generator=self._gen)[: self.count]
-        self.included = torch.rand(self.count, generator=self._gen) < 0.5
+        generator = private_generator("cpu", self.seed)
+        self.coordinates = torch.randperm(total, generator=generator)[: self.count]
+        self.included = torch.rand(self.count, generator=generator) < 0.5
         self.sampled = torch.zeros(self.count, dtype=torch.long)
         self.scores = torch.zeros(self.count, dtype=torch.float64)
 
-    def inject(self) -> None:
+    def inject(self, drawn: list[int]) -> None:
         """Before Opacus's step: note the real examples' clipped sum at the canary coordinates
-        (Opacus's own clip factors), then Poisson-sample the included canaries and append their
-        gradients as extra per-sample rows."""
+        (Opacus's own clip factors), then append the gradients of the canaries the sampler drew
+        (`drawn`, canary numbers) that are in the data set as extra per-sample rows."""
         params = self._params
         samples = [p.grad_sample.reshape(len(p.grad_sample), -1) for p in params]
         factors = (self.norm / (per_sample_norms(samples) + 1e-6)).clamp(max=1.0)
         clipped_sum = torch.cat([(factors[:, None] * g).sum(0) for g in samples])
         self._data_part = clipped_sum[self.coordinates.to(clipped_sum.device)].double().cpu()
 
-        drawn = self.included & (torch.rand(self.count, generator=self._gen) < self.sample_rate)
-        self.sampled += drawn
-        chosen = self.coordinates[drawn]
+        mask = torch.zeros(self.count, dtype=torch.bool)
+        mask[torch.tensor(drawn, dtype=torch.long)] = True
+        mask &= self.included
+        self.sampled += mask
+        chosen = self.coordinates[mask]
         start = 0
         for p in params:
             size = p.numel()

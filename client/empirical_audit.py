@@ -2,10 +2,12 @@
 epsilon from below (one run; Steinke, Nasr, Jagielski 2023).
 
 The rerun is one client (client 0's shard, rank and trainable tensors) training for the run's
-rounds x local steps in one go, with the run's sigma, C, q and accountant, in hooks mode (the
-canaries are per-sample gradients). Seeing every step's effect on that client's own parameters is
-the strongest observer the run's privacy claim covers, so a lower bound above the claimed epsilon
-means the mechanism or its accounting is broken.
+rounds x local steps in one go, with the run's sigma, C and accountant, in hooks mode (the canaries
+are per-sample gradients). The canaries are indices of its training set, drawn by the trainer's
+own sampler (the batch size grows with the canaries so that q stays the run's), and the claim is
+the epsilon the trainer's own ledger accounts for what it ran. Seeing every step's effect on the
+client's own parameters is the strongest observer the privacy claim covers, so a lower bound above
+the claim means the sampler, the noise or the accounting is broken.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import STRATEGIES
 
 THREAT_MODEL = ("white-box: the auditor chooses each canary's gradient (C at one coordinate of "
-                "the trainable LoRA/head tensors) and sees the client's parameters after every "
-                "local step of the whole run")
+                "the trainable LoRA/head tensors), knows every real example, and sees the "
+                "client's parameters after every local step of the whole run; it does not know "
+                "which canaries are in the data set (OS entropy) nor the sampler's and the "
+                "noise's draws (OS entropy on the client)")
 
 
-def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int = 0,
+def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int | None = None,
                        noise_multiplier: float | None = None,
                        significance: float = 0.05) -> dict[str, Any]:
     """The empirical lower bound next to the epsilon the same training is accounted at.
-    `noise_multiplier` overrides the run's sigma (0 shows what an audit of a broken run gives)."""
+    `noise_multiplier` overrides the run's sigma (0 shows what an audit of a broken run gives);
+    `seed` replaces OS entropy for tests only."""
     dp = config.dp_config()
     if dp is None:
         raise ConfigError("the run has no sample-level DP-SGD to audit empirically (set "
@@ -43,8 +48,6 @@ def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int = 0
     if noise_multiplier is not None:
         dp = replace(dp, noise_multiplier=noise_multiplier, target_epsilon=None)
     steps = config.rounds * config.local_steps
-    train = replace(config.train_config(), local_steps=steps, planned_rounds=1, dp=dp,
-                    device="cpu")
 
     labels = data_source(config.dataset, config.task).num_labels
     spec = config.model_spec(labels)
@@ -55,22 +58,32 @@ def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int = 0
     rank = config.client_ranks()["0"]
     start = Adapter(lora=host.fresh_lora(rank, config.seed), extras=dict(host.initial_head))
     shard = data.shard(0)
+    n = len(shard)
+    run_q = min(1.0, config.batch_size / n)
+    batch_size = max(1, round(run_q * (n + canaries)))  # the run's q over examples + canaries
+    train = replace(config.train_config(), local_steps=steps, planned_rounds=1, dp=dp,
+                    device="cpu", batch_size=batch_size)
     ledger = PrivacyLedger(accountant=dp.accountant)
-    plan_q = min(1.0, config.batch_size / len(shard))
-    planted = GradientCanaries(canaries, plan_q, dp.max_grad_norm, seed)
-    LocalTrainer(host, train).train("0", start, shard, rank=rank, train_a=strategy.trains_a,
-                                    train_head=head, ledger=ledger, seed=seed, canaries=planted)
+    # a test's seed: batches seed, noise seed + 1 (the trainer's), canary inclusion seed + 2
+    planted = GradientCanaries(canaries, dp.max_grad_norm, None if seed is None else seed + 2)
+    result = LocalTrainer(host, train).train(
+        "0", start, shard, rank=rank, train_a=strategy.trains_a, train_head=head, ledger=ledger,
+        canaries=planted, dp_seed=seed)
     bound = best_one_run_bound(planted.scores.tolist(), planted.included.tolist(), dp.delta,
                                significance)
     sigma, q, _ = ledger.history[0]
     return {
         "kind": "sample level, one run, white-box gradient canaries",
-        "setup": f"client 0's shard and rank {rank}, {steps} DP-SGD steps with sigma = {sigma:g}, "
-                 f"C = {dp.max_grad_norm:g}, q = {q:.4g}, hooks mode, seed {seed}",
+        "setup": f"client 0's {n} examples and {canaries} canary indices, rank {rank}, {steps} "
+                 f"DP-SGD steps with sigma = {sigma:g}, C = {dp.max_grad_norm:g}, the trainer's "
+                 f"{'Poisson' if result.metrics['poisson'] else 'NON-Poisson'} sampler at "
+                 f"q = {q:.4g}, hooks mode",
         "threat_model": THREAT_MODEL,
         **canary_report(bound, planted.included.tolist(), planted.sampled.tolist()),
         "score": "the released gradient at the canary's coordinate minus the real examples' "
                  "clipped part there, summed over all steps",
+        "randomness": "canary inclusion, batch sampling and noise from OS entropy"
+                      if seed is None else f"seeded for a test ({seed})",
         "epsilon_claimed": ledger.epsilon(dp.delta),
         "delta": dp.delta,
         "accountant": dp.accountant,
@@ -78,5 +91,4 @@ def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int = 0
         "max_grad_norm": dp.max_grad_norm,
         "sample_rate": q,
         "steps": steps,
-        "seed": seed,
     }

@@ -1,20 +1,23 @@
 """`fedlr client`: a Flower SuperNode on an edge machine, verifying the server and signing in
-with its own key."""
+with its own key, and keeping its privacy ledger and limits on its own disk."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from fedlr.errors import ConfigError
+from fedlr.node_privacy import NodeLimits, NodeState
 
 
 def supernode_argv(
     superlink: str, *, ca: Path | None, key: Path | None, partition_id: int,
-    num_partitions: int, port: int, insecure: bool, give_up_after: float | None = None,
+    num_partitions: int, port: int, insecure: bool, state_dir: Path,
+    limits: NodeLimits | None = None, give_up_after: float | None = None,
     data: Path | None = None,
 ) -> list[str]:
     """The flower-supernode command line for one client of the federation. It reconnects after
-    a lost connection (a server restart) forever, or for `give_up_after` seconds."""
+    a lost connection (a server restart) forever, or for `give_up_after` seconds. The node's
+    ledger in `state_dir` is read once here, so a corrupt one stops the node before it starts."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
             f"partition id {partition_id} must be in [0, {num_partitions}); it selects this "
@@ -25,6 +28,10 @@ def supernode_argv(
         if not data.is_file():
             raise ConfigError(f"--data file not found: {data}")
         node_config += f' data-path="{data.resolve()}"'
+    NodeState(state_dir).load()
+    node_config += f' state-dir="{state_dir.expanduser().resolve()}"'
+    for name, value in (limits or NodeLimits()).node_config().items():
+        node_config += f" {name}={value!r}"
     argv = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
             "--port", str(port)]
     if give_up_after is not None:

@@ -5,6 +5,10 @@ trains what the strategy allows (A and B, or B alone; the head or not) for a fix
 steps, and returns the trained adapter with its example count and metrics. Under DP it samples
 batches by Poisson sampling, clips every example's gradient to C across all trainable tensors,
 adds N(0, sigma^2 C^2) once per step, and records the steps in the client's persistent ledger.
+
+Under DP the batch draws and the noise come from OS entropy on this machine (never from the job's
+seed, which the server chose and the run directory records): a server that replays the round with
+everything it knows cannot reproduce it. Without DP the job's seed makes a run reproducible.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -26,7 +30,8 @@ from fedlr.client.canaries import GradientCanaries
 from fedlr.config import DPConfig, TrainConfig
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.models import LoraHost
-from fedlr.privacy import PrivacyLedger, noise_for_target
+from fedlr.node_privacy import NodeLimits
+from fedlr.privacy import PrivacyLedger, noise_for_target, private_generator
 
 # Opacus registers full backward hooks on modules whose inputs need no grad (the frozen base).
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -56,6 +61,53 @@ class DPPlan:
     @property
     def segment(self) -> tuple[float, float, int]:
         return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+class BatchSampler(Protocol):
+    """The index sets of a round's steps; `poisson` says whether they are what the accountant
+    assumes (recorded in the ledger, so privacy.json states the sampling really used)."""
+
+    poisson: bool
+
+    def __iter__(self) -> Iterator[list[int]]: ...
+
+
+@dataclass
+class PoissonBatches:
+    """DP-SGD's sampler: every index joins each step's batch independently with probability q
+    (Opacus's UniformWithReplacementSampler); batches may be empty."""
+
+    n: int
+    sample_rate: float
+    steps: int
+    generator: torch.Generator
+    poisson: bool = True
+
+    def __iter__(self) -> Iterator[list[int]]:
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        yield from UniformWithReplacementSampler(num_samples=self.n, sample_rate=self.sample_rate,
+                                                 generator=self.generator, steps=self.steps)
+
+
+@dataclass
+class ShuffledBatches:
+    """Non-private training: fixed-size batches from reshuffled passes over the data."""
+
+    n: int
+    size: int
+    steps: int
+    generator: torch.Generator
+    poisson: bool = False
+
+    def __iter__(self) -> Iterator[list[int]]:
+        size = min(self.size, self.n)
+        order: list[int] = []
+        for _ in range(self.steps):
+            if len(order) < size:
+                order += torch.randperm(self.n, generator=self.generator).tolist()
+            yield order[:size]
+            order = order[size:]
 
 
 def choose_grad_sample_mode(config: TrainConfig, trainable: int, fused_ok: bool) -> str:
@@ -99,40 +151,27 @@ class LocalTrainer:
                 param.requires_grad_(train_head)
         return model
 
-    def plan_dp(self, dp: DPConfig, n: int, ledger: PrivacyLedger, trainable: int) -> DPPlan:
+    def plan_dp(self, dp: DPConfig, n: int, trainable: int) -> DPPlan:
+        """sigma, C, q and steps of this round; a target epsilon is solved for the whole planned
+        run at this client's q (deterministic, so every round gets the same sigma)."""
         q = min(1.0, self.config.batch_size / n)
         steps = self.config.local_steps
-        if dp.noise_multiplier is not None:
-            ledger.noise_multiplier = dp.noise_multiplier
-        elif ledger.noise_multiplier is None:  # solved once, for the whole planned run
+        sigma = dp.noise_multiplier
+        if sigma is None:
             assert dp.target_epsilon is not None
-            total = steps * self.config.planned_rounds
-            ledger.noise_multiplier = noise_for_target(
-                dp.target_epsilon, dp.delta, q, total, dp.accountant
-            )
-        return DPPlan(
-            ledger.noise_multiplier, dp.max_grad_norm, q, steps,
-            choose_grad_sample_mode(self.config, trainable, fused_ok=self.host.dropout == 0),
-        )
+            sigma = noise_for_target(dp.target_epsilon, dp.delta, q,
+                                     steps * self.config.planned_rounds, dp.accountant)
+        return DPPlan(sigma, dp.max_grad_norm, q, steps,
+                      choose_grad_sample_mode(self.config, trainable,
+                                              fused_ok=self.host.dropout == 0))
 
-    def _batches(self, n: int, plan: DPPlan | None, gen: torch.Generator) -> Iterator[list[int]]:
-        """Poisson-sampled index sets under DP (what the accountant assumes), shuffled fixed-size
-        batches otherwise (or when DP is configured without Poisson sampling)."""
-        steps = self.config.local_steps
-        if plan is not None and self.config.dp is not None and self.config.dp.poisson:
-            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-            yield from UniformWithReplacementSampler(
-                num_samples=n, sample_rate=plan.sample_rate, generator=gen, steps=steps
-            )
-            return
-        size = min(self.config.batch_size, n)
-        order: list[int] = []
-        for _ in range(steps):
-            if len(order) < size:
-                order += torch.randperm(n, generator=gen).tolist()
-            yield order[:size]
-            order = order[size:]
+    def batches(self, n: int, plan: DPPlan | None, generator: torch.Generator) -> BatchSampler:
+        """Poisson sampling at the plan's q under DP (what the accountant assumes), shuffled
+        fixed-size batches otherwise. Indices run over the training examples and, in an audit,
+        the canaries after them."""
+        if plan is not None:
+            return PoissonBatches(n, plan.sample_rate, plan.steps, generator)
+        return ShuffledBatches(n, self.config.batch_size, self.config.local_steps, generator)
 
     def _optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         if self.config.optimizer == "sgd":
@@ -153,13 +192,22 @@ class LocalTrainer:
         ledger: PrivacyLedger | None = None,
         seed: int = 0,
         canaries: GradientCanaries | None = None,
+        limits: NodeLimits | None = None,
+        dp_seed: int | None = None,
     ) -> TrainResult:
         """One round of local training; the ledger (DP only) is updated in place on success.
-        `canaries` (DP with per-sample gradients only) are trained along, for an audit."""
+
+        `seed` makes non-private training reproducible (data order, FLoRA's fresh factors).
+        Under DP the batch draws and the noise come from OS entropy; `dp_seed` replaces it in
+        tests only. `limits` are the node's own (checked before the first step, with the job's
+        budget). `canaries` (DP with per-sample gradients only) join the training set as extra
+        indices after the real examples, drawn by the same sampler, for an audit."""
         n = len(data)
         if n == 0:
             raise FedlrError(f"client {client_id} has no training examples; repartition the data")
         dp = self.config.dp
+        if limits is not None:
+            limits.check_job(dp, client_id)
         if dp is not None and ledger is None:
             raise FedlrError(f"client {client_id}: DP training needs the client's privacy ledger")
         started = time.perf_counter()
@@ -169,36 +217,44 @@ class LocalTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in params]
         trainable = sum(p.numel() for p in params)
+        universe = n + (canaries.count if canaries is not None else 0)
 
         plan = None
         if dp is not None:
             assert ledger is not None
-            plan = self.plan_dp(dp, n, ledger, trainable)
+            plan = self.plan_dp(dp, universe, trainable)
             ledger.check_budget(plan.segment, dp.delta, dp.budget, client_id)
+            if limits is not None:
+                limits.check_round(plan.noise_multiplier, plan.segment, ledger, client_id)
         if canaries is not None:
             if plan is None or plan.mode not in ("hooks", "fused"):
                 raise ConfigError("gradient canaries need DP-SGD with per-sample gradients "
                                   "(grad_sample_mode hooks or fused)")
             canaries.bind(params)
 
-        gen = torch.Generator().manual_seed(seed)
         device = self.host.device
-        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        if plan is None:
+            batch_gen, noise_gen = torch.Generator().manual_seed(seed), None
+        else:
+            batch_gen = private_generator("cpu", dp_seed)
+            noise_gen = private_generator(device, None if dp_seed is None else dp_seed + 1)
+        sampler = self.batches(universe, plan, batch_gen)
         optimizer = self._optimizer(params)
         model.train()
         losses: list[float] = []
-        with self._dp_engine(model, optimizer, plan, noise_gen, n, canaries) as engine:
-            for indices in self._batches(n, plan, gen):
+        with self._dp_engine(model, optimizer, plan, noise_gen, universe, canaries) as engine:
+            for indices in sampler:
+                real = [i for i in indices if i < n]
                 engine.zero_grad()
-                if not indices:
-                    engine.step_empty(params)
-                    continue
-                batch = data.batch(indices).to(device)
-                with self._autocast(plan):
-                    loss = per_example_loss(model, batch, self.host.task)
-                losses.extend(loss.detach().float().tolist())
-                engine.backward(loss)
-                engine.step()
+                if real:
+                    batch = data.batch(real).to(device)
+                    with self._autocast(plan):
+                        loss = per_example_loss(model, batch, self.host.task)
+                    losses.extend(loss.detach().float().tolist())
+                    engine.backward(loss)
+                else:
+                    engine.no_examples(params)
+                engine.step([i - n for i in indices if i >= n])
         model.eval()
 
         changed = any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
@@ -218,13 +274,13 @@ class LocalTrainer:
             "device": str(device),
         }
         if plan is not None and ledger is not None and dp is not None:
-            ledger.record(plan.segment)
+            ledger.record(plan.segment, poisson=sampler.poisson)
             metrics.update(
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=plan.max_grad_norm,
                 sample_rate=plan.sample_rate,
                 grad_sample_mode=plan.mode,
-                poisson=dp.poisson,
+                poisson=sampler.poisson,
                 epsilon=ledger.epsilon(dp.delta),
                 delta=dp.delta,
             )
@@ -246,12 +302,14 @@ class LocalTrainer:
     @contextlib.contextmanager
     def _dp_engine(
         self, model: Any, optimizer: torch.optim.Optimizer, plan: DPPlan | None,
-        noise_gen: torch.Generator, n: int, canaries: GradientCanaries | None,
+        noise_gen: torch.Generator | None, n: int, canaries: GradientCanaries | None,
     ) -> Iterator[StepEngine]:
-        engine = (
-            StepEngine(optimizer) if plan is None
-            else OpacusEngine(model, optimizer, plan, noise_gen, plan.sample_rate * n, canaries)
-        )
+        if plan is None:
+            engine = StepEngine(optimizer)
+        else:
+            assert noise_gen is not None
+            engine = OpacusEngine(model, optimizer, plan, noise_gen, plan.sample_rate * n,
+                                  canaries)
         try:
             yield engine
         finally:
@@ -270,11 +328,11 @@ class StepEngine:
     def backward(self, per_example: Tensor) -> None:
         per_example.mean().backward()
 
-    def step(self) -> None:
+    def step(self, canary_draws: Iterable[int] = ()) -> None:
         self.optimizer.step()
 
-    def step_empty(self, params: list[Tensor]) -> None:
-        """Without DP there is nothing to do for an empty batch (it never occurs)."""
+    def no_examples(self, params: list[Tensor]) -> None:
+        """Without DP batches are never empty."""
 
     def close(self) -> None:
         """Nothing attached."""
@@ -352,20 +410,20 @@ class OpacusEngine(StepEngine):
         else:
             per_example.mean().backward()
 
-    def step_empty(self, params: list[Tensor]) -> None:
-        """A Poisson batch can be empty: the step still happens (noise only), as accounted."""
+    def no_examples(self, params: list[Tensor]) -> None:
+        """A Poisson batch can hold no real example: the step still happens (noise, and any
+        canaries drawn), as accounted."""
         for p in params:
             if self.plan.mode == "ghost":
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
-        self.step()
 
-    def step(self) -> None:
+    def step(self, canary_draws: Iterable[int] = ()) -> None:
         if self.canaries is None:
             self.optimizer.step()
             return
-        self.canaries.inject()  # an audit: canary gradients join the batch's
+        self.canaries.inject(list(canary_draws))  # an audit: the drawn canaries join the batch
         self.optimizer.step()
         self.canaries.observe(self.expected_batch)
 

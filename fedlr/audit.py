@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlr.adapters import atomic_write
-from fedlr.client_dp import ClientDPConfig, client_level_epsilon
+from fedlr.client_dp import ClientDPConfig, client_level_epsilon, published_sample_epsilon
 from fedlr.errors import ConfigError
 from fedlr.privacy import dp_accounting_epsilon, opacus_epsilon
 
@@ -28,10 +28,24 @@ OUTSIDE_SAMPLE_LEVEL = [
     "which rounds each client took part in, its rank, and rejection reasons",
     "the held-out evaluation (server-side data, not the clients')",
 ]
-RNG = ("noise from torch's default generator (Opacus, secure_mode off: torchcsprng has no build "
-       "for this torch) and, at client level, a torch generator seeded from the OS; client "
-       "sampling from the OS's random source. Not a cryptographically secure sampler; "
-       "floating-point attacks on the Gaussian sampler are out of scope.")
+RNG = ("Sample level: each client draws its Poisson batches and its Gaussian noise from torch "
+       "generators seeded with 63 bits of OS entropy (Python's secrets) on the client, fresh "
+       "every round; the job's seed, which the server chooses and run.json records, seeds only "
+       "non-private training. Client level: the server draws the clients from the OS's random "
+       "source (random.SystemRandom) and the noise from a torch generator seeded with OS "
+       "entropy. torch's generators (Mersenne Twister on CPU, Philox on CUDA) are not "
+       "cryptographically secure (Opacus's secure_mode needs torchcsprng, which has no build "
+       "for this torch); floating-point attacks on the Gaussian sampler are out of scope.")
+TRUST = [
+    ("sample level (DP-SGD)", "a client's examples",
+     "the server and everyone after it (released adapters, the run directory)",
+     "the client's own code and machine: it samples, clips, noises and keeps its ledger and "
+     "limits; the server need not be honest"),
+    ("client level (DP-FedAvg)", "a client's whole contribution",
+     "everyone who sees what the server releases (global adapters, checkpoints, the export, "
+     "the run directory)",
+     "the server: it sees each update, samples the clients in secret, clips and noises"),
+]
 
 
 def _versions() -> dict[str, str]:
@@ -51,6 +65,10 @@ def sample_level(privacy: dict[str, Any]) -> dict[str, Any]:
     clients, flags = {}, []
     for cid, info in privacy["clients"].items():
         history = [(float(s), float(q), int(n)) for s, q, n in info["history"]]
+        sampling = info.get("sampling", "not recorded")
+        if sampling != "poisson":
+            flags.append(f"client {cid}: batch sampling {sampling}; its epsilon assumes Poisson "
+                         "sampling and is not a guarantee")
         accounted = opacus_epsilon(history, delta, accountant)
         pld = dp_accounting_epsilon(history, delta, "pld")
         rdp = dp_accounting_epsilon(history, delta, "rdp")
@@ -70,6 +88,7 @@ def sample_level(privacy: dict[str, Any]) -> dict[str, Any]:
             "history": [list(s) for s in history],
             "steps": sum(n for _, _, n in history),
             "rounds": info["rounds"],
+            "sampling": sampling,
             "epsilon": accounted,
             "epsilon_pld": pld,
             "epsilon_rdp": rdp,
@@ -94,16 +113,21 @@ def sample_level(privacy: dict[str, Any]) -> dict[str, Any]:
 
 
 def client_level(facts: dict[str, Any]) -> dict[str, Any]:
-    """The client-level epsilon, recomputed, with the other accountant where one applies."""
+    """The client-level epsilon, recomputed, with the other accountant where one applies. A run
+    that published its clients is recomputed per client, without amplification by sampling."""
     sampling = facts["sampling"]
     method = "poisson" if sampling["method"] == "poisson" else "fixed"
     population = {"num_clients": sampling["num_clients"], "per_round": sampling["per_round"],
                   "rounds": facts["rounds"]}
+    published = bool(facts.get("client_ids_published"))
 
     def epsilon(accountant: str) -> float:
         config = ClientDPConfig(facts["noise_multiplier"], facts["clip_norm"], method,
-                                facts["delta"], accountant)
-        return client_level_epsilon(config, **population)
+                               facts["delta"], accountant)
+        if not published:
+            return client_level_epsilon(config, **population)
+        return max((published_sample_epsilon(config, int(c["rounds"]))
+                    for c in facts["clients"].values()), default=0.0)
 
     accounted = epsilon(facts["accountant"])
     other = None if method == "fixed" else epsilon(
@@ -176,12 +200,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"- Claim: **epsilon = {_fmt(sample['epsilon_accounted'])}** (max over clients); "
             f"PLD cross-check {_fmt(sample['epsilon_cross_check'])}; budget "
             f"{sample['budget'] if sample['budget'] is not None else 'none'}.", "",
-            "| client | rounds | steps | segments (sigma, q, steps) | epsilon | PLD | RDP | gap |",
-            "|---|---|---|---|---|---|---|---|",
+            "| client | rounds | steps | segments (sigma, q, steps) | sampling | epsilon | PLD "
+            "| RDP | gap |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for cid, c in sorted(sample["clients"].items(), key=lambda kv: int(kv[0])):
             segments = "; ".join(f"({s:g}, {q:.4g}, {n})" for s, q, n in c["history"])
-            lines.append(f"| {cid} | {c['rounds']} | {c['steps']} | {segments} | "
+            lines.append(f"| {cid} | {c['rounds']} | {c['steps']} | {segments} | {c['sampling']} | "
                          f"{_fmt(c['epsilon'])} | {_fmt(c['epsilon_pld'])} | "
                          f"{_fmt(c['epsilon_rdp'])} | {c['relative_gap']:.2%} |")
         lines += ["", "Released outside this guarantee: "
@@ -200,10 +225,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(client['epsilon_other_accountant'])} ({client['cross_check_note']}).",
             f"- Outside: {client['outside_guarantee']}.", "",
         ]
+        if client.get("client_ids_published"):
+            lines += [f"- **Client ids are published** (opt-in): {client['accounting']}.", "",
+                      "| client | rounds joined | epsilon |", "|---|---|---|",
+                      *[f"| {cid} | {c['rounds']} | {_fmt(c['epsilon'])} |"
+                        for cid, c in client["clients"].items()], ""]
+        else:
+            lines += ["- The client sample is kept secret: the run directory holds only counts "
+                      "of sampled, accepted and rejected clients.", ""]
     for level, key in EMPIRICAL_KEYS.items():
         if key in report:
             lines += _empirical_section(level.replace("_", " "), report[key])
-    lines += ["## Randomness", "", report["rng"], ""]
+    lines += ["## Trust model", "",
+              "| guarantee | protects | against | who must be honest |", "|---|---|---|---|",
+              *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in TRUST], "",
+              "## Randomness", "", report["rng"], ""]
     return "\n".join(lines)
 
 

@@ -203,6 +203,11 @@ def simulate(
     client_sampling: Annotated[
         str | None, typer.Option(help="Client-level DP: poisson or fixed client sampling.")
     ] = None,
+    publish_client_ids: Annotated[
+        bool | None, typer.Option(help="Client-level DP: name each round's clients in the run "
+                                       "directory; epsilon is then accounted without "
+                                       "amplification by sampling.")
+    ] = None,
     export_rank: Annotated[
         int | None, typer.Option(help="flora: compress the exported adapter to this rank.")
     ] = None,
@@ -232,7 +237,7 @@ def simulate(
         "batch_size": batch_size, "lr": lr, "noise_multiplier": noise_multiplier,
         "max_grad_norm": max_grad_norm, "target_epsilon": target_epsilon, "delta": delta,
         "client_noise_multiplier": client_noise, "client_clip_norm": client_clip,
-        "client_sampling": client_sampling,
+        "client_sampling": client_sampling, "publish_client_ids": publish_client_ids,
         "export_rank": export_rank, "seed": seed, "out": out,
         "save_client_updates": save_client_updates,
         "ranks": [rank] if rank is not None else (
@@ -297,10 +302,10 @@ def audit(
         bool, typer.Option(help="Also rerun the training with canaries for a lower bound.")
     ] = False,
     canaries: Annotated[int, typer.Option(min=2, help="Canaries for --empirical.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the canary rerun.")] = 0,
 ) -> None:
     """Recompute and cross-check every epsilon of a DP run: audit.json, audit.md, audit.png;
-    with --empirical, an empirical lower bound from gradient canaries next to the claim."""
+    with --empirical, an empirical lower bound from gradient canaries next to the claim (canary
+    inclusion, sampling and noise from OS entropy, so two audits differ)."""
     import json
 
     from fedlr.audit import write_audit
@@ -317,10 +322,10 @@ def audit(
         config = SimulationConfig.load(None, json.loads(recorded.read_text())["config"])
         if config.dp_config() is not None:
             with console.status(f"sample level: training with {canaries} gradient canaries"):
-                found["sample_level"] = sample_level_audit(config, canaries, seed=seed)
+                found["sample_level"] = sample_level_audit(config, canaries)
         if config.client_dp_config() is not None:
             with console.status(f"client level: {canaries} canary clients"):
-                found["client_level"] = audit_recorded_run(run, config, canaries, seed)
+                found["client_level"] = audit_recorded_run(run, config, canaries)
     report = write_audit(run, found)
     table = Table(title=f"privacy audit of {run}")
     for column in ("level", "epsilon", "cross-check", "delta"):
@@ -405,13 +410,37 @@ def client(
         float | None, typer.Option(help="Stop after this many seconds without the server "
                                         "(default: keep reconnecting).")
     ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where this node keeps its privacy ledger (default: "
+                                       "~/.local/share/fedlr/node-PARTITION_ID).")
+    ] = None,
+    max_epsilon: Annotated[
+        float | None, typer.Option(help="Refuse any round that would take this node's "
+                                        "sample-level epsilon past this (and any job without "
+                                        "DP-SGD).")
+    ] = None,
+    budget_delta: Annotated[
+        float, typer.Option(help="The delta at which --max-epsilon is checked.")
+    ] = 1e-5,
+    min_noise_multiplier: Annotated[
+        float | None, typer.Option(help="Refuse DP-SGD with less noise than this (and any job "
+                                        "without DP-SGD).")
+    ] = None,
+    max_clip_norm: Annotated[
+        float | None, typer.Option(help="Refuse DP-SGD with a larger clipping bound C.")
+    ] = None,
     insecure: Annotated[bool, typer.Option(help="Plain text: tests only.")] = False,
 ) -> None:
-    """Start a Flower SuperNode for this machine; it trains on CUDA when present."""
+    """Start a Flower SuperNode for this machine; it trains on CUDA when present. Its privacy
+    ledger and limits are its own: whatever the server sends, it refuses a round past them."""
     from fedlr.client.launch import supernode_argv
+    from fedlr.node_privacy import NodeLimits, default_state_dir
 
+    limits = NodeLimits(max_epsilon=max_epsilon, delta=budget_delta,
+                        min_noise_multiplier=min_noise_multiplier, max_clip_norm=max_clip_norm)
     _exec(supernode_argv(superlink, ca=ca, key=key, partition_id=partition_id,
                          num_partitions=num_partitions, port=port, insecure=insecure,
+                         state_dir=state_dir or default_state_dir(partition_id), limits=limits,
                          give_up_after=give_up_after, data=data))
 
 

@@ -12,22 +12,27 @@ sum is divided by a fixed denominator (the expected number of clients per round)
 server does afterwards (adding to the global adapter, FedSVD's re-orthogonalisation) is
 post-processing.
 
-Trust model: a trusted server clips and noises. The guarantee covers what the server releases
-(global adapters, checkpoints, exports), not the server's own view of individual updates.
-Outside the guarantee: example counts, client training losses and metrics, validation rejection
-reasons, the per-client norms in `ClientDPReport`, and the list of sampled clients if the server's
-RNG is known. The noise comes from a torch.Generator (not a cryptographic RNG) in floating point;
-the accounting is that of the ideal Gaussian mechanism.
+Trust model: a trusted server samples clients, clips and noises. The guarantee covers what the
+server releases (global adapters, checkpoints, exports), not the server's own view of individual
+updates. Amplification by sampling needs the sample to stay secret: clients are drawn from the
+OS's random source (`draw_clients`), and a run publishes only counts of sampled, accepted and
+rejected clients. Outside the guarantee: those counts, example counts, client training losses and
+metrics, the per-client norms in `ClientDPReport`. The noise comes from a torch.Generator seeded
+from the OS (not a cryptographic RNG) in floating point; the accounting is that of the ideal
+Gaussian mechanism.
 
 Accounting (`client_level_epsilon`): Poisson client sampling with add/remove-one-client adjacency
 (sensitivity S), or fixed-size sampling without replacement with replace-one-client adjacency
-(sensitivity 2 S), by dp-accounting's RDP or PLD accountant.
+(sensitivity 2 S), by dp-accounting's RDP or PLD accountant. A run that publishes who took part
+gets no amplification: each client's epsilon is the Gaussian mechanism composed over the rounds
+its update was in (`published_sample_epsilon`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -274,6 +279,17 @@ def dp_fedavg(
     return _apply(strategy, state, mean), report
 
 
+def draw_clients(ids: Sequence[str], per_round: float, sampling: str, rng: random.Random
+                 ) -> list[str]:
+    """A round's clients: each independently with q = per_round / len(ids) (Poisson), or exactly
+    `per_round` of them without replacement (fixed). `rng` is the OS's (random.SystemRandom) in
+    a run, so that nobody can predict or replay the sample its amplification relies on."""
+    if sampling == "poisson":
+        q = per_round / len(ids)
+        return [c for c in ids if rng.random() < q]
+    return rng.sample(list(ids), int(per_round))
+
+
 # -- accounting -------------------------------------------------------------------------------
 
 
@@ -325,6 +341,24 @@ def client_level_epsilon(
         return math.inf  # the clipped sum is released as it is
     event, accountant = _round_event(config, num_clients, per_round)
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(config.delta))
+
+
+def published_sample_epsilon(config: ClientDPConfig, rounds_joined: int) -> float:
+    """A client's epsilon when the run publishes who took part: nothing is amplified by sampling,
+    so it is the Gaussian mechanism (sensitivity S, or 2S under replace-one adjacency for
+    fixed-size sampling) composed over the `rounds_joined` rounds its update was in."""
+    config.validate()
+    if rounds_joined < 0:
+        raise ConfigError(f"the number of rounds must be >= 0, got {rounds_joined}")
+    if rounds_joined == 0:
+        return 0.0
+    if config.noise_multiplier == 0:
+        return math.inf
+    z = config.noise_multiplier / (2 if config.sampling == "fixed" else 1)
+    accountant = rdp.RdpAccountant() if config.accountant == "rdp" else pld.PLDAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z),
+                                                         rounds_joined))
     return float(accountant.get_epsilon(config.delta))
 
 

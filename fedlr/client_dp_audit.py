@@ -1,16 +1,19 @@
 """Empirical client-level audit: canary clients through the server's own DP-FedAvg (`dp_fedavg`).
 
-Each of M canary clients is in the population with probability 1/2; in each of the run's rounds an
-included canary is Poisson-sampled with the run's q and sends an update whose change is a random
-direction u_i of norm 2S (so clipping is exercised). The real clients' updates are known to the
-auditor and left out (zero), which the guarantee allows: it holds for any fixed contribution of
-the others. The score of canary i is the released noisy sum of every round projected on u_i
-(Andrew et al. 2023 use the cosine; with equal norms this is the same ranking). FedSVD is audited
-in its pre-SVD form (FFA-LoRA's release), since its SVD is post-processing of that release.
+Each of M canary clients is in the population with probability 1/2; in each of the run's rounds
+the server's own client sampler (`draw_clients`, Poisson at the run's q) draws from all M, and a
+drawn canary that is in the population sends an update whose change is a random direction u_i of
+norm 2S (so clipping is exercised). Inclusion, sampling and noise come from OS entropy. The real
+clients' updates are known to the auditor and left out (zero), which the guarantee allows: it
+holds for any fixed contribution of the others. The score of canary i is the released noisy sum
+of every round projected on u_i (Andrew et al. 2023 use the cosine; with equal norms this is the
+same ranking). FedSVD is audited in its pre-SVD form (FFA-LoRA's release), since its SVD is
+post-processing of that release.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,17 @@ from torch import Tensor
 
 from fedlr.adapters import Adapter, LoraFactors, load_adapter
 from fedlr.audit_bounds import best_one_run_bound, canary_report
-from fedlr.client_dp import ClientDPConfig, client_level_epsilon, dp_fedavg, l2_norm, released
+from fedlr.client_dp import (
+    ClientDPConfig,
+    client_level_epsilon,
+    dp_fedavg,
+    draw_clients,
+    l2_norm,
+    released,
+)
 from fedlr.errors import ConfigError
 from fedlr.lowrank import LowRank
+from fedlr.privacy import private_generator
 from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import FederationSpec, GlobalState, ModuleShape, Strategy, make_strategy
 from fedlr.strategies.base import ClientUpdate
@@ -53,13 +64,16 @@ def _canary_update(cid: str, start: Adapter, strategy: Strategy, state: GlobalSt
 
 def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPConfig, *,
                        num_clients: int, per_round: int, rounds: int, canaries: int,
-                       seed: int = 0, significance: float = 0.05) -> dict[str, Any]:
-    """The one-run lower bound for client-level DP next to the accounted epsilon."""
+                       seed: int | None = None, significance: float = 0.05) -> dict[str, Any]:
+    """The one-run lower bound for client-level DP next to the accounted epsilon. `seed`
+    replaces OS entropy for tests only."""
     if config.sampling != "poisson":
         raise ConfigError("the client-level canary audit draws canaries by Poisson sampling; "
                           "audit a run with client_sampling poisson")
     strategy = _auditable(strategy)
-    gen = torch.Generator().manual_seed(seed)
+    gen = private_generator("cpu", seed)
+    noise = private_generator("cpu", None if seed is None else seed + 1)
+    sampler = random.SystemRandom() if seed is None else random.Random(seed + 2)
     q = per_round / num_clients
     client = max(strategy.spec.ranks, key=lambda c: strategy.spec.ranks[c])
     start = strategy.downlink(state, client)
@@ -76,13 +90,14 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
     sampled = torch.zeros(canaries, dtype=torch.long)
     scores = torch.zeros(canaries, dtype=torch.float64)
     before = _flat(base)
+    population = [str(i) for i in range(canaries)]
     for _ in range(rounds):
-        drawn = included & (torch.rand(canaries, generator=gen) < q)
-        sampled += drawn
-        ids = [str(i) for i in drawn.nonzero().squeeze(1).tolist()]
+        ids = [i for i in draw_clients(population, q * canaries, "poisson", sampler)
+               if included[int(i)]]
+        sampled[[int(i) for i in ids]] += 1
         updates = [_canary_update(i, start, strategy, state, directions[int(i)]) for i in ids]
         new_state, _ = dp_fedavg(strategy, state, updates, dict.fromkeys(ids, start), config,
-                                 expected_clients=per_round, generator=gen)
+                                 expected_clients=per_round, generator=noise)
         noisy_sum = (_flat(released(strategy, new_state)) - before) * per_round
         scores += units @ noisy_sum
     bound = best_one_run_bound(scores.tolist(), included.tolist(), config.delta, significance)
@@ -90,7 +105,8 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
         "kind": "client level, one run, canary clients",
         "setup": f"{rounds} rounds of the server's DP-FedAvg ({strategy.name}) with z = "
                  f"{config.noise_multiplier:g}, S = {config.clip_norm:g}, Poisson q = {q:.4g}, "
-                 f"canaries at rank {strategy.spec.ranks[client]}, seed {seed}",
+                 f"canaries at rank {strategy.spec.ranks[client]}, drawn by the server's "
+                 "client sampler",
         "threat_model": "the auditor chooses the canary clients' updates (random directions of "
                         "norm 2S), knows every other client's update, and sees each round's "
                         "released global adapter",
@@ -104,7 +120,8 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
         "clip_norm": config.clip_norm,
         "sample_rate": q,
         "rounds": rounds,
-        "seed": seed,
+        "randomness": "canary inclusion, client sampling and noise from OS entropy"
+                      if seed is None else f"seeded for a test ({seed})",
     }
 
 
@@ -115,8 +132,8 @@ def audit_state(spec: FederationSpec, strategy_name: str, extras: dict[str, Tens
     return strategy, strategy.init_state(extras)
 
 
-def audit_recorded_run(run: Path, config: SimulationConfig, canaries: int, seed: int = 0
-                       ) -> dict[str, Any]:
+def audit_recorded_run(run: Path, config: SimulationConfig, canaries: int,
+                       seed: int | None = None) -> dict[str, Any]:
     """The client-level canary audit of a run directory: its strategy, ranks and module shapes
     (from its first global adapter) and its recorded z, S, sampling and rounds."""
     dp = config.client_dp_config()

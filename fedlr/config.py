@@ -33,7 +33,6 @@ class DPConfig:
     max_epsilon: float | None = None
     accountant: str = "prv"
     grad_sample_mode: str = "auto"
-    poisson: bool = True
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):

@@ -5,16 +5,23 @@ rate, steps) segments, which is exactly Opacus's accountant history. The ledger 
 rounds (it is what a client would otherwise lose by rebuilding its PrivacyEngine), its epsilon is
 Opacus's (PRV or RDP), and dp-accounting's PLD and RDP accountants give an independent value for
 the same history. No amplification from client sampling is claimed.
+
+Every random draw the guarantee relies on (Poisson batch sampling, the Gaussian noise) comes from
+`private_generator`: OS entropy on the client, never a seed the server sends or a run records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from fedlr.errors import ConfigError, FedlrError
 
@@ -23,6 +30,15 @@ Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
 class BudgetExhaustedError(FedlrError):
     """A client's next round would take its epsilon past its maximum; it refuses to train."""
+
+
+def private_generator(device: torch.device | str = "cpu", seed: int | None = None
+                      ) -> torch.Generator:
+    """A torch generator for a draw that a DP guarantee relies on, seeded with 63 bits of OS
+    entropy (`secrets`), so that nobody else (the server, a reader of the run directory) can
+    replay it. `seed` is for tests only: no run passes one."""
+    generator = torch.Generator(device=device)
+    return generator.manual_seed(secrets.randbits(63) if seed is None else seed)
 
 
 def opacus_epsilon(history: Sequence[Segment], delta: float, accountant: str = "prv") -> float:
@@ -75,6 +91,7 @@ def dp_accounting_epsilon(history: Sequence[Segment], delta: float, method: str 
     return float(acc.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=256)
 def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
 ) -> float:
@@ -110,16 +127,25 @@ def noise_for_target(
 
 @dataclass
 class PrivacyLedger:
-    """One client's DP-SGD history; persists across rounds so its epsilon accumulates."""
+    """One client's DP-SGD history; persists across rounds so its epsilon accumulates.
+
+    `non_poisson_steps` counts steps whose batches were not Poisson-sampled: the accountant
+    assumes Poisson sampling, so for those the epsilon is not a guarantee (never in a real run)."""
 
     accountant: str = "prv"
     history: list[Segment] = field(default_factory=list)
     rounds: int = 0
-    noise_multiplier: float | None = None  # fixed once solved from a target epsilon
+    non_poisson_steps: int = 0
 
     @property
     def steps(self) -> int:
         return sum(n for _, _, n in self.history)
+
+    @property
+    def sampling(self) -> str:
+        if not self.non_poisson_steps:
+            return "poisson"
+        return f"not Poisson for {self.non_poisson_steps} of {self.steps} steps"
 
     def epsilon(self, delta: float) -> float:
         return opacus_epsilon(self.history, delta, self.accountant)
@@ -139,7 +165,7 @@ class PrivacyLedger:
                 f"(delta {delta:g}); it stops training"
             )
 
-    def record(self, segment: Segment) -> None:
+    def record(self, segment: Segment, poisson: bool = True) -> None:
         sigma, q, n = segment
         if n <= 0:
             return
@@ -148,23 +174,52 @@ class PrivacyLedger:
         else:
             self.history.append((sigma, q, n))
         self.rounds += 1
+        if not poisson:
+            self.non_poisson_steps += n
+
+    def extends(self, other: PrivacyLedger) -> bool:
+        """Whether this history is `other`'s, possibly followed by more steps."""
+        mine, theirs = _steps_by_mechanism(self.history), _steps_by_mechanism(other.history)
+        if not theirs:
+            return True
+        last = len(theirs) - 1
+        if len(mine) <= last or mine[:last] != theirs[:last]:
+            return False
+        return mine[last][0] == theirs[last][0] and mine[last][1] >= theirs[last][1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "accountant": self.accountant,
             "history": [list(s) for s in self.history],
             "rounds": self.rounds,
-            "noise_multiplier": self.noise_multiplier,
+            "non_poisson_steps": self.non_poisson_steps,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
-        history = [(float(s), float(q), int(n)) for s, q, n in data.get("history", [])]
+        """A ledger from JSON; anything malformed is a ConfigError (never a silent reset)."""
+        try:
+            history = [(float(s), float(q), int(n)) for s, q, n in data.get("history", [])]
+            ledger = cls(accountant=str(data.get("accountant", "prv")), history=history,
+                         rounds=int(data.get("rounds", 0)),
+                         non_poisson_steps=int(data.get("non_poisson_steps", 0)))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"privacy ledger is malformed ({exc}); it cannot be trusted"
+                              ) from None
         if any(not (math.isfinite(s) and s >= 0 and 0 < q <= 1 and n > 0) for s, q, n in history):
             raise ConfigError("privacy ledger has an invalid segment; it cannot be trusted")
-        return cls(
-            accountant=data.get("accountant", "prv"),
-            history=history,
-            rounds=int(data.get("rounds", 0)),
-            noise_multiplier=data.get("noise_multiplier"),
-        )
+        if ledger.rounds < 0 or not 0 <= ledger.non_poisson_steps <= ledger.steps:
+            raise ConfigError("privacy ledger has impossible counts; it cannot be trusted")
+        return ledger
+
+
+def _steps_by_mechanism(history: Sequence[Segment]) -> list[tuple[tuple[float, float], int]]:
+    """The history with neighbouring segments of one mechanism merged, so that two ledgers that
+    recorded the same steps in different round sizes compare equal."""
+    merged: list[tuple[tuple[float, float], int]] = []
+    for sigma, q, n in history:
+        if merged and merged[-1][0] == (sigma, q):
+            merged[-1] = ((sigma, q), merged[-1][1] + n)
+        else:
+            merged.append(((sigma, q), n))
+    return merged

@@ -13,8 +13,12 @@ from fedlr.validation import ValidationPolicy, validate_update
 
 @dataclass(frozen=True)
 class Rejection:
+    """Why a client's update is not in the round. `kind` is one of a few fixed phrases, what a
+    run may publish where client ids and details must stay secret (client-level DP)."""
+
     client_id: str
     reason: str
+    kind: str = "invalid update"
 
 
 @dataclass
@@ -47,8 +51,9 @@ def aggregate_round(
     rejected: list[Rejection] = []
     seen: set[str] = set()
     for update in updates:
+        kind = "invalid update"
         if update.client_id in seen:
-            reason = "duplicate update from the same client in one round"
+            reason, kind = "duplicate update from the same client in one round", "duplicate"
         else:
             start = None
             if update.client_id in strategy.spec.ranks:
@@ -57,7 +62,7 @@ def aggregate_round(
                 )
             reason = validate_update(update, strategy, start or Adapter(), policy)
         if reason:
-            rejected.append(Rejection(update.client_id, reason))
+            rejected.append(Rejection(update.client_id, reason, kind))
         else:
             accepted.append(update)
             seen.add(update.client_id)

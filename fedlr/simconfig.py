@@ -54,6 +54,7 @@ class SimulationConfig:
     client_clip_norm: float | None = None
     client_sampling: str = "poisson"
     client_accountant: str = "rdp"
+    publish_client_ids: bool = False  # client-level DP: publish who took part, unamplified
     max_update_norm: float | None = None
     min_valid_updates: int = 1
     round_timeout: float | None = None  # seconds; None: until every node answers or goes offline
@@ -137,7 +138,16 @@ class SimulationConfig:
             if self.client_clip_norm is not None:
                 raise ConfigError("client_clip_norm is set but client_noise_multiplier is not; "
                                   "set both for client-level DP, or neither")
+            if self.publish_client_ids:
+                raise ConfigError("publish_client_ids only applies to client-level DP (without "
+                                  "it, who took part is always published); remove it")
             return
+        if self.dp_config() is not None and not self.publish_client_ids:
+            raise ConfigError(
+                "sample-level DP-SGD records each client's privacy ledger (the rounds it "
+                "trained) in privacy.json, which would publish the client sample that "
+                "client-level DP keeps secret; use one level, or add publish_client_ids "
+                "(client-level epsilon is then accounted without amplification by sampling)")
         dp.validate()
         check_composes(self.strategy, self.hetero)
         if self.min_valid_updates != 1:
@@ -153,6 +163,12 @@ class SimulationConfig:
             )
 
     # -- derived settings ------------------------------------------------------------------------
+
+    @property
+    def client_ids_public(self) -> bool:
+        """Whether the run directory may name the clients of a round: always, except under
+        client-level DP, whose amplification by sampling needs the sample kept secret."""
+        return self.client_noise_multiplier is None or self.publish_client_ids
 
     @property
     def sampled_per_round(self) -> int:

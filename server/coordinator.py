@@ -12,8 +12,8 @@ import json
 import logging
 import math
 import random
-import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +23,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.adapters import Adapter, LoraFactors, adapter_from_tensors, load_into_peft_model
-from fedlr.client_dp import client_level_description, client_level_epsilon, dp_fedavg
+from fedlr.client_dp import (
+    client_level_description,
+    client_level_epsilon,
+    dp_fedavg,
+    draw_clients,
+    published_sample_epsilon,
+)
 from fedlr.errors import FedlrError, RoundFailedError
 from fedlr.evaluation import evaluate
 from fedlr.payload import Job, adapter_payload, job_settings
-from fedlr.privacy import PrivacyLedger, opacus_epsilon
+from fedlr.privacy import PrivacyLedger, opacus_epsilon, private_generator
 from fedlr.rounds import Rejection, aggregate_round
 from fedlr.server.nodes import NodeDirectory
 from fedlr.server.rundir import RunDir, write_json
@@ -56,10 +62,8 @@ def sample_clients(config: SimulationConfig, round_: int) -> list[str]:
     ids, size = config.client_ids(), config.sampled_per_round
     if dp is None:
         chosen = random.Random(f"{config.seed}:{round_}").sample(ids, size)
-    elif dp.sampling == "poisson":
-        chosen = [c for c in ids if SECURE_RANDOM.random() < size / len(ids)]
     else:
-        chosen = SECURE_RANDOM.sample(ids, size)
+        chosen = draw_clients(ids, size, dp.sampling, SECURE_RANDOM)
     return sorted(chosen, key=int)
 
 
@@ -103,9 +107,10 @@ class Coordinator:
     fed: Federation
     run: RunDir
     on_round: Callable[[dict[str, Any]], None] = lambda record: None
-    ledgers: dict[str, PrivacyLedger] = field(default_factory=dict)
+    ledgers: dict[str, PrivacyLedger] = field(default_factory=dict)  # as the clients report
+    client_rounds: dict[str, int] = field(default_factory=dict)  # published ids: rounds joined
     noise: torch.Generator = field(  # client-level DP noise: seeded from the OS, never the run
-        default_factory=lambda: torch.Generator().manual_seed(secrets.randbits(63)))
+        default_factory=private_generator)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -114,6 +119,7 @@ class Coordinator:
             return self.fed.strategy.init_state(self.fed.model.host.initial_head)
         tensors, info = self.run.load_checkpoint()
         self.ledgers = {c: PrivacyLedger.from_dict(d) for c, d in info["ledgers"].items()}
+        self.client_rounds = dict(info.get("client_rounds", {}))
         self.run.truncate_metrics(info["round"])
         return GlobalState.from_tensors(tensors, info["state"])
 
@@ -122,7 +128,7 @@ class Coordinator:
         self.run.save_checkpoint(
             state.round, tensors,
             {"state": info, "ledgers": {c: led.to_dict() for c, led in self.ledgers.items()},
-             "strategy": self.fed.strategy.describe()},
+             "client_rounds": self.client_rounds, "strategy": self.fed.strategy.describe()},
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -185,17 +191,18 @@ class Coordinator:
             client = sent_to.get(reply.metadata.reply_to_message_id)
             if client is None:
                 continue  # not an answer to this round's messages
-            update, reason, numbers, size = self.parse(client, reply, downlinks.get(client))
+            update, refusal, numbers, size = self.parse(client, reply, downlinks.get(client))
             bytes_up += size
-            if reason:
-                rejected.append(Rejection(client, reason))
+            if refusal is not None:
+                rejected.append(refusal)
                 continue
             updates.append(update)
             metrics.append(numbers)
         answered = {r.client_id for r in rejected} | {u.client_id for u in updates}
-        rejected += [Rejection(c, "no reply (dropped or timed out)") for c in reachable
-                     if c not in answered]
-        rejected += [Rejection(c, "not connected") for c in clients if c not in nodes]
+        rejected += [Rejection(c, "no reply (dropped or timed out)", "no reply")
+                     for c in reachable if c not in answered]
+        rejected += [Rejection(c, "not connected", "not connected")
+                     for c in clients if c not in nodes]
         updates.sort(key=lambda u: int(u.client_id))  # reply order must not change the sums
         sent = {c: strategy.starting_adapter(state, c) for c in reachable}
         private = self.fed.config.client_dp_config() is not None
@@ -212,8 +219,7 @@ class Coordinator:
                              + "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) + ")"
                              ) from None
         rejected += result.rejected
-        for r in rejected:
-            log.warning("round %d: client %s left out: %s", round_, r.client_id, r.reason)
+        self.log_rejections(round_, rejected)
         new_state = result.state
         accepted = sorted(result.accepted, key=int)
 
@@ -227,7 +233,7 @@ class Coordinator:
         record = self.record(round_, clients, accepted, rejected, metrics, evaluation, epsilons,
                              result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
-        client_level = self.client_level(round_)
+        client_level = self.client_level(round_, accepted)
         if client_level:
             record["client_epsilon"] = client_level["epsilon"]
         self.run.append_metrics(record)
@@ -255,17 +261,19 @@ class Coordinator:
     # -- replies -------------------------------------------------------------------------------
 
     def parse(self, client: str, reply: Message, downlink: Adapter | None
-              ) -> tuple[ClientUpdate | None, str, dict[str, float], int]:
-        """A reply as a ClientUpdate, or the reason it cannot be one (never raises)."""
+              ) -> tuple[ClientUpdate | None, Rejection | None, dict[str, float], int]:
+        """A reply as a ClientUpdate, or why it cannot be one (never raises). A ledger in the
+        reply is the client's own: the server records it as reported."""
         if reply.has_error():
-            return None, f"client failed: {reply.error.reason}", {}, 0
+            return None, Rejection(client, f"client failed: {reply.error.reason}",
+                                   "client failed"), {}, 0
         content = reply.content
         info = dict(content["info"]) if "info" in content else {}
         if info.get("refused"):
-            return None, f"refused: {info['refused']}", {}, 0
-        if info.get("ledger"):
-            self.ledgers[client] = PrivacyLedger.from_dict(json.loads(str(info["ledger"])))
+            return None, Rejection(client, f"refused: {info['refused']}", "refused"), {}, 0
         try:
+            if info.get("ledger"):
+                self.ledgers[client] = PrivacyLedger.from_dict(json.loads(str(info["ledger"])))
             arrays = content["adapter"]
             size = arrays.count_bytes()
             flat = arrays.to_torch_state_dict()
@@ -277,8 +285,18 @@ class Coordinator:
             n = int(numbers["num-examples"])
             adapter = adapter_from_tensors(flat, scalings, {"client_id": client, "num_examples": n})
         except (KeyError, ValueError, TypeError) as exc:
-            return None, f"malformed reply ({type(exc).__name__}: {exc})", {}, 0
-        return ClientUpdate(client, adapter, n), "", numbers, size
+            return None, Rejection(client, f"malformed reply ({type(exc).__name__}: {exc})",
+                                   "malformed reply"), {}, 0
+        return ClientUpdate(client, adapter, n), None, numbers, size
+
+    def log_rejections(self, round_: int, rejected: list[Rejection]) -> None:
+        """Who was left out and why; only how many of each kind where ids are secret."""
+        if self.fed.config.client_ids_public:
+            for r in rejected:
+                log.warning("round %d: client %s left out: %s", round_, r.client_id, r.reason)
+            return
+        for kind, count in sorted(Counter(r.kind for r in rejected).items()):
+            log.warning("round %d: %d client(s) left out: %s", round_, count, kind)
 
     # -- global adapter, evaluation, records ---------------------------------------------------
 
@@ -315,19 +333,36 @@ class Coordinator:
         return {c: history_epsilon(tuple(led.history), dp.delta, led.accountant)
                 for c, led in self.ledgers.items()}
 
-    def client_level(self, round_: int) -> dict[str, Any]:
-        """Client-level DP after `round_` released rounds: the facts and the epsilon."""
+    def client_level(self, round_: int, accepted: list[str]) -> dict[str, Any]:
+        """Client-level DP after `round_` released rounds: the facts and the epsilon. With
+        published client ids, each client's own unamplified epsilon over the rounds it joined."""
         config, dp = self.fed.config, self.fed.config.client_dp_config()
         if dp is None:
             return {}
         n, m = config.num_clients, config.sampled_per_round
-        return {
+        facts = {
             **client_level_description(dp, n, m),
             "rounds": round_,
-            "epsilon": client_level_epsilon(dp, num_clients=n, per_round=m, rounds=round_),
-            "outside_guarantee": "example counts, client losses and metrics, rejection reasons, "
-                                 "and the server's view of each update (a trusted server clips "
-                                 "and noises)",
+            "client_ids_published": config.publish_client_ids,
+            "outside_guarantee": "example counts, client losses and metrics, the number of "
+                                 "sampled, accepted and rejected clients per round and the kinds "
+                                 "of rejections, and the server's view of each update (a trusted "
+                                 "server samples, clips and noises)",
+        }
+        if not config.publish_client_ids:
+            epsilon = client_level_epsilon(dp, num_clients=n, per_round=m, rounds=round_)
+            return {**facts, "epsilon": epsilon}
+        for client in accepted:
+            self.client_rounds[client] = self.client_rounds.get(client, 0) + 1
+        clients = {c: {"rounds": k, "epsilon": published_sample_epsilon(dp, k)}
+                   for c, k in sorted(self.client_rounds.items(), key=lambda kv: int(kv[0]))}
+        return {
+            **facts,
+            "accounting": "client ids are published, so nothing is amplified by sampling: each "
+                          "client's epsilon is the Gaussian mechanism composed over the rounds "
+                          "its update was in",
+            "clients": clients,
+            "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),
         }
 
     def record(self, round_, clients, accepted, rejected, metrics, evaluation, epsilons,
@@ -338,8 +373,7 @@ class Coordinator:
         record: dict[str, Any] = {
             "round": round_,
             "num_clients": len(clients),
-            "clients": clients,
-            "accepted": accepted,
+            "num_accepted": len(accepted),
             "train_loss": sum(w * v for w, v in zip(weights, losses, strict=True)) / total
             if total else None,
             "eval_loss": evaluation["loss"],
@@ -348,8 +382,13 @@ class Coordinator:
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "seconds": seconds,
-            "rejected": [{"client": r.client_id, "reason": r.reason} for r in rejected],
         }
+        if self.fed.config.client_ids_public:
+            record.update(clients=clients, accepted=accepted,
+                          rejected=[{"client": r.client_id, "reason": r.reason}
+                                    for r in rejected])
+        else:  # client-level DP: the sample stays secret, so counts and kinds only
+            record["rejected"] = [{"reason": r.kind} for r in rejected]
         if "accuracy" in evaluation:
             record["eval_accuracy"] = evaluation["accuracy"]
         if "perplexity" in evaluation:
@@ -370,17 +409,24 @@ class Coordinator:
                     "noise_multiplier": sigma,
                     "max_grad_norm": dp.max_grad_norm,
                     "sample_rate": q,
+                    "sampling": ledger.sampling,
                     "steps": ledger.steps,
                     "rounds": ledger.rounds,
                     "epsilon": epsilons[client],
                     "history": [list(s) for s in ledger.history],
                 }
             eps = [c["epsilon"] for c in clients.values()]
+            not_poisson = sorted((c for c, led in self.ledgers.items() if led.non_poisson_steps),
+                                 key=int)
             document.update({
                 "delta": dp.delta,
                 "accountant": dp.accountant,
                 "privacy_unit": "one training example of one client (sample-level DP-SGD)",
-                "sampling": "Poisson, q = batch_size / client examples",
+                "sampling": "Poisson (as every client reports), q = batch_size / client examples"
+                if not not_poisson else f"NOT Poisson for clients {not_poisson}: their epsilon "
+                "assumes Poisson sampling and is not a guarantee",
+                "randomness": "batch sampling and noise from OS entropy on each client",
+                "ledger": "as each client reports it (its own, kept on the node)",
                 "max_epsilon": max(eps) if eps else 0.0,
                 "budget": dp.budget,
                 "clients": clients,

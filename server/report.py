@@ -21,7 +21,7 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
         table.add_column(column, justify="right", no_wrap=True)
     for r in records:
         row = [
-            str(r["round"]), f"{len(r['accepted'])}/{r['num_clients']}",
+            str(r["round"]), f"{r['num_accepted']}/{r['num_clients']}",
             _num(r["train_loss"]), _num(r["eval_loss"]),
             _num(r.get("eval_accuracy", r.get("eval_perplexity"))),
             *([_num(r.get("epsilon_max"))] if dp else []),

@@ -7,6 +7,8 @@
                                      exact stacked update); clients/<id>.safetensors on request
     adapter/                         the final adapter in PEFT format
     checkpoint/                      state after the last completed round, for --resume
+    nodes/<id>/ledger.json           fedlr simulate: each simulated node's own privacy ledger
+                                     (a deployed node keeps it on its own disk)
 
 Every file is written atomically; the checkpoint's JSON is written last and names its tensors, so
 a run killed at any instant resumes from the last completed round.

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedlr.errors import FedlrError
 from fedlr.models import resolve_source
+from fedlr.node_privacy import SIMULATED_NODES_ENV
 from fedlr.server.coordinator import Coordinator, Federation
 from fedlr.server.export import export_peft, final_adapter
 from fedlr.server.report import plot, summary_table
@@ -109,21 +110,27 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
         # Ray workers inherit this environment: one thread per virtual client, one CPU each.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=config.num_clients,
-            backend_config={
-                # one CPU per virtual client; with a GPU, the workers share it
-                "client_resources": {"num_cpus": 1, "num_gpus": gpu_share()},
-                "init_args": {
-                    "num_cpus": os.cpu_count() or 1,
-                    "include_dashboard": False,
-                    "logging_level": "error",
-                    "log_to_driver": False,
+        # each simulated node keeps its own privacy ledger, as a deployed one does (resume
+        # then continues every ledger exactly, with the rounds the nodes trained before a kill)
+        os.environ[SIMULATED_NODES_ENV] = str((run.root / "nodes").resolve())
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=config.num_clients,
+                backend_config={
+                    # one CPU per virtual client; with a GPU, the workers share it
+                    "client_resources": {"num_cpus": 1, "num_gpus": gpu_share()},
+                    "init_args": {
+                        "num_cpus": os.cpu_count() or 1,
+                        "include_dashboard": False,
+                        "logging_level": "error",
+                        "log_to_driver": False,
+                    },
                 },
-            },
-        )
+            )
+        finally:
+            del os.environ[SIMULATED_NODES_ENV]
     if errors:
         raise errors[0]
     records = run.read_metrics()
@@ -132,8 +139,9 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
     console.print(summary_table(records, f"{config.strategy} on {config.model} / {config.dataset}"))
     for record in records:
         for rejection in record["rejected"]:
-            console.print(f"round {record['round']}: rejected client {rejection['client']}: "
-                          f"{rejection['reason']}", highlight=False)
+            who = f"client {rejection['client']}" if "client" in rejection else "a client"
+            console.print(f"round {record['round']}: rejected {who}: {rejection['reason']}",
+                          highlight=False)
     plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients")
     console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/)")
     return run

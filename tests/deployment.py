@@ -62,6 +62,7 @@ class Deployment:
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)
     server_proc: subprocess.Popen | None = None
     keys: CertificateSet | None = None
+    node_extra: dict[int, list[str]] = field(default_factory=dict)  # more `fedlr client` args
 
     @property
     def env(self) -> dict[str, str]:
@@ -122,7 +123,12 @@ class Deployment:
                 "--ca", str(ca or self.keys.ca_cert),
                 "--key", str(key or self.keys.node_keys[f"node{k}"][0]),
                 "--partition-id", str(k), "--num-partitions", str(self.num_nodes),
-                "--port", str(free_port())]
+                "--port", str(free_port()), "--state-dir", str(self.state_dir(k)),
+                *self.node_extra.get(k, [])]
+
+    def state_dir(self, k: int) -> Path:
+        """Node k's own state (its privacy ledger), never the user's home in a test."""
+        return self.folder / f"node-state-{k}"
 
     def start_node(self, k: int) -> None:
         self.nodes[k] = self.spawn(*self.node_args(k), log=f"client{k}.log")

@@ -17,8 +17,11 @@ from fedlr.adapters import load_delta_weights
 from fedlr.certs import create
 from fedlr.client.app import app as client_app
 from fedlr.errors import ConfigError
+from fedlr.node_privacy import NodeState
+from fedlr.privacy import opacus_epsilon
 from fedlr.server.launch import superlink_argv
 from fedlr.server.simulation import simulate
+from fedlr.session import data_session, data_source
 from fedlr.simconfig import SimulationConfig
 
 SETTINGS = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[2, 4],
@@ -124,6 +127,36 @@ def test_a_restarted_server_resumes_the_run_from_its_checkpoint(deployment, tmp_
     assert [r["round"] for r in records] == [1, 2]
     deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
     assert_same(deployed, simulated_adapter(tmp_path, settings))
+
+
+def test_a_node_holds_its_own_privacy_budget_whatever_the_server_asks(tmp_path):
+    """Node 2 allows itself one round of this run's DP-SGD (its own --max-epsilon), the run asks
+    for two and sets no budget: the node refuses round 2 with its reason in metrics.jsonl, and
+    its ledger on its own disk shows the round it trained."""
+    settings = {**SETTINGS, "noise_multiplier": 1.0, "local_steps": 2}
+    config = SimulationConfig.load(None, {**settings, "out": str(tmp_path / "unused")})
+    spec = config.model_spec(data_source(config.dataset, config.task).num_labels)
+    shard = data_session(config.data_spec(), spec).partitions[2]
+    q = settings["batch_size"] / len(shard)
+    one, two = (opacus_epsilon([(1.0, q, 2 * k)], 1e-5) for k in (1, 2))
+    dep = Deployment(tmp_path, num_nodes=3,
+                     node_extra={2: ["--max-epsilon", str((one + two) / 2)]}).start()
+    try:
+        out = tmp_path / "run"
+        dep.run({**settings, "out": str(out)})
+    finally:
+        dep.close()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["accepted"] == ["0", "1", "2"]
+    assert records[1]["accepted"] == ["0", "1"]
+    (refusal,) = records[1]["rejected"]
+    assert refusal["client"] == "2"
+    assert refusal["reason"].startswith("refused: node 2 refuses another round of 2 steps")
+    ledgers = {k: NodeState(dep.state_dir(k)).load() for k in range(3)}
+    assert [led.steps for led in ledgers.values()] == [4, 4, 2]
+    privacy = json.loads((out / "privacy.json").read_text())
+    for k, ledger in ledgers.items():  # the server records what each node reports
+        assert privacy["clients"][str(k)]["history"] == [list(s) for s in ledger.history]
 
 
 def test_the_server_refuses_to_start_without_tls_files_unless_insecure(tmp_path):

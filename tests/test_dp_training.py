@@ -9,7 +9,13 @@ import torch
 from training_setup import current_adapter, randomize_adapter, tiny_host
 
 from fedlr.batches import per_example_loss
-from fedlr.client.training import DPPlan, LocalTrainer, OpacusEngine, TrainingError
+from fedlr.client.training import (
+    DPPlan,
+    LocalTrainer,
+    OpacusEngine,
+    ShuffledBatches,
+    TrainingError,
+)
 from fedlr.config import DPConfig, TrainConfig
 from fedlr.privacy import PrivacyLedger
 
@@ -154,10 +160,20 @@ def float64_start():
     return host, data, start
 
 
-def train_round(host, data, start, dp):
+class ShuffledBatchTrainer(LocalTrainer):
+    """Test only: the non-private trainer's fixed-size batches also under DP."""
+
+    def batches(self, n, plan, generator):
+        return ShuffledBatches(n, self.config.batch_size, self.config.local_steps, generator)
+
+
+def train_round(host, data, start, dp, trainer=LocalTrainer):
+    """One round; under DP its draws are seeded through the test-only `dp_seed` with the same
+    seed the non-private round's batches take."""
     config = TrainConfig(local_steps=4, batch_size=4, lr=0.05, optimizer="sgd", dp=dp)
     ledger = PrivacyLedger() if dp else None
-    return LocalTrainer(host, config).train("c", start, data, rank=RANK, ledger=ledger, seed=3)
+    return trainer(host, config).train("c", start, data, rank=RANK, ledger=ledger, seed=3,
+                                       dp_seed=3)
 
 
 def assert_same_trained_adapter(got, expected, start, rtol, atol):
@@ -172,8 +188,8 @@ def assert_same_trained_adapter(got, expected, start, rtol, atol):
 
 def test_no_noise_and_no_clipping_reproduce_non_private_training():
     host, data, start = float64_start()
-    private = train_round(host, data, start,
-                          DPConfig(noise_multiplier=0.0, max_grad_norm=1e9, poisson=False))
+    private = train_round(host, data, start, DPConfig(noise_multiplier=0.0, max_grad_norm=1e9),
+                          ShuffledBatchTrainer)
     plain = train_round(host, data, start, None)
     assert_same_trained_adapter(private.adapter, plain.adapter, start, 1e-10, 1e-12)
 

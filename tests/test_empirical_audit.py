@@ -1,10 +1,12 @@
-"""The empirical canary audit: canary scores are exactly what the instrumentation says, the lower
-bound stays under the accounted epsilon of a DP run, and the same audit catches a run whose noise
-is switched off."""
+"""The empirical canary audit: canary scores are exactly what the instrumentation says, canaries
+are drawn by the trainer's own sampler, the lower bound stays under the accounted epsilon of a DP
+run, and the same audit catches a run whose noise is switched off or whose sampler is broken."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -30,6 +32,63 @@ def audits():
             "noise off": sample_level_audit(config, 1000, seed=3, noise_multiplier=0.0)}
 
 
+@dataclass
+class OneFixedBatch:
+    """A broken sampler (test only): the same batch every step, of the size Poisson sampling
+    would give on average, and it says it is Poisson, as a bug would."""
+
+    n: int
+    size: int
+    steps: int
+    generator: torch.Generator
+    poisson: bool = True
+
+    def __iter__(self):
+        batch = torch.randperm(self.n, generator=self.generator)[: self.size].tolist()
+        for _ in range(self.steps):
+            yield batch
+
+
+# q = 21 / 1064 = 0.02 and sigma 1.5 over 110 steps: accounted at about 0.77 (delta 1e-6). One
+# fixed batch holds about q * 10000 / 2 = 100 included canaries, each drawn every step, whose
+# scores stand sqrt(110) / 1.5 = 7 noise deviations out: the truth is far above the claim.
+SAMPLER_AUDIT = dict(strategy="ffa", model="tiny", num_clients=3, rounds=1, ranks=[64],
+                     local_steps=110, batch_size=21, lr=0.05, optimizer="sgd",
+                     noise_multiplier=1.5, delta=1e-6, out="unused")
+
+
+def test_a_broken_sampler_shows_in_the_audit_and_the_real_one_does_not(monkeypatch):
+    config = SimulationConfig.load(None, SAMPLER_AUDIT)
+    real = sample_level_audit(config, 10_000, seed=3)
+    assert real["epsilon_lower_bound"] <= real["epsilon_claimed"]
+
+    def fixed_batches(self, n, plan, generator):
+        return OneFixedBatch(n, round(plan.sample_rate * n), plan.steps, generator)
+
+    monkeypatch.setattr(LocalTrainer, "batches", fixed_batches)
+    broken = sample_level_audit(config, 10_000, seed=3)
+    assert broken["epsilon_claimed"] == pytest.approx(real["epsilon_claimed"])  # same accounting
+    assert broken["epsilon_lower_bound"] > 2 * broken["epsilon_claimed"]
+
+
+def test_canaries_are_drawn_by_the_trainers_sampler_at_its_rate():
+    config = SimulationConfig.load(None, {**AUDITED, "rounds": 1, "local_steps": 30})
+    spec = config.model_spec(data_source(config.dataset, config.task).num_labels)
+    host = model_session(spec, config.alpha, "cpu").host
+    shard = data_session(config.data_spec(), spec).shard(0)
+    planted = GradientCanaries(500, config.max_grad_norm, seed=5)
+    trainer = LocalTrainer(host, config.train_config())
+    ledger = PrivacyLedger()
+    start = Adapter(lora=host.fresh_lora(8, 0), extras=dict(host.initial_head))
+    trainer.train("0", start, shard, rank=8, train_a=False, ledger=ledger, canaries=planted,
+                  dp_seed=4)
+    (_, q, steps), = ledger.history
+    assert q == pytest.approx(config.batch_size / (len(shard) + 500))  # canaries count in n
+    trials = int(planted.included.sum()) * steps
+    rate = int(planted.sampled.sum()) / trials
+    assert abs(rate - q) < 4 * math.sqrt(q * (1 - q) / trials)
+
+
 def test_a_dp_run_is_certified_no_more_than_it_claims(audits):
     noisy = audits["noisy"]
     assert noisy["noise_multiplier"] == 2.0 and noisy["steps"] == 40
@@ -53,11 +112,11 @@ def test_without_noise_each_canary_scores_c_per_draw_and_excluded_ones_zero():
     host = model_session(spec, config.alpha, "cpu").host
     data = data_session(DataSpec(config.dataset, config.task, 3, "iid", 0, config.max_length,
                                  16), spec)
-    planted = GradientCanaries(200, 0.5, config.max_grad_norm, seed=1)
+    planted = GradientCanaries(200, config.max_grad_norm, seed=1)
     start = Adapter(lora=host.fresh_lora(8, 0), extras=dict(host.initial_head))
     LocalTrainer(host, config.train_config()).train(
-        "0", start, data.shard(0), rank=8, train_a=False, ledger=PrivacyLedger(), seed=0,
-        canaries=planted)
+        "0", start, data.shard(0), rank=8, train_a=False, ledger=PrivacyLedger(),
+        canaries=planted, dp_seed=0)
     assert planted.sampled[~planted.included].sum() == 0
     assert planted.sampled[planted.included].sum() > 0
     expected = config.max_grad_norm * planted.sampled.double()

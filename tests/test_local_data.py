@@ -60,9 +60,10 @@ def test_the_client_launcher_hands_its_file_to_the_node(tmp_path):
     mine = tmp_path / "my data.jsonl"
     mine.write_text('{"text": "a", "label": "cats"}\n')
     argv = supernode_argv("h:1", ca=None, key=None, partition_id=2, num_partitions=3, port=9,
-                          insecure=True, data=mine)
+                          insecure=True, data=mine, state_dir=tmp_path / "state")
     node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
-    assert node_config == {"partition-id": 2, "num-partitions": 3, "data-path": str(mine)}
+    assert node_config == {"partition-id": 2, "num-partitions": 3, "data-path": str(mine),
+                           "state-dir": str(tmp_path / "state"), "budget-delta": 1e-5}
     with pytest.raises(ConfigError, match="--data file not found"):
         supernode_argv("h:1", ca=None, key=None, partition_id=2, num_partitions=3, port=9,
-                       insecure=True, data=tmp_path / "none.jsonl")
+                       insecure=True, data=tmp_path / "none.jsonl", state_dir=tmp_path)

@@ -180,6 +180,37 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tmp_path):
     assert rounds == [1, 2, 3]
 
 
+def test_a_killed_dp_run_resumes_with_every_nodes_ledger_exact(tmp_path):
+    """Each step a node ran is counted once: what it had recorded when the run was killed (maybe
+    a round the server never checkpointed) plus one round per round left after the checkpoint;
+    the server's privacy.json reports each node's own ledger."""
+    from fedlr.node_privacy import NodeState
+
+    out, args = tmp_path / "killed", [*RESUME_ARGS, "--noise-multiplier", "1.0"]
+    victim = fedlr(*args, "--out", str(out))
+    checkpoint = out / "checkpoint" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= 1):
+        assert victim.poll() is None, victim.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    done_rounds = json.loads(checkpoint.read_text())["round"]
+    at_kill = {c: NodeState(out / "nodes" / c).load() for c in ("0", "1", "2")}
+    resumed = fedlr(*args, "--out", str(out), "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    privacy = json.loads((out / "privacy.json").read_text())
+    for client, before in at_kill.items():
+        final = NodeState(out / "nodes" / client).load()
+        assert final.extends(before)
+        assert final.rounds == before.rounds + 3 - done_rounds
+        assert final.steps == 2 * final.rounds
+        assert privacy["clients"][client]["history"] == [list(x) for x in final.history]
+        assert privacy["clients"][client]["sampling"] == "poisson"
+
+
 BAD = [
     (["--strategy", "fedprox"], "unknown strategy"),
     (["--rank", "0"], "ranks must be positive"),
