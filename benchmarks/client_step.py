@@ -34,9 +34,9 @@ def worker(mode: str, device: str, args: argparse.Namespace) -> dict:
     """Run in a fresh process: load, warm up, time N steps, report peaks."""
     from fedlr.batches import encode
     from fedlr.client.training import LocalTrainer, ShuffledBatches
-    from fedlr.config import DPConfig, TrainConfig
+    from fedlr.config import DPConfig, ModelSpec, TrainConfig
     from fedlr.data import load_data
-    from fedlr.models import LoraHost, ModelSpec, default_targets, load_base_model, load_tokenizer
+    from fedlr.models import LoraHost, default_targets, load_base_model, load_tokenizer
     from fedlr.privacy import PrivacyLedger
     from fedlr.strategies import FederationSpec, make_strategy
 

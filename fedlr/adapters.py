@@ -262,10 +262,22 @@ def load_peft_dir(path: Path) -> Adapter:
             f"{path} is not a PEFT adapter directory (needs adapter_config.json and "
             "adapter_model.safetensors)"
         )
-    config = json.loads(config_file.read_text())
-    with safe_open(str(weights), framework="pt") as fh:
-        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    return from_peft_state_dict(state, config)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_file} is not a PEFT adapter config (not an object)")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types for torn files
+        raise AdapterFileError(f"{weights} is not a readable safetensors file ({exc})") from None
+    try:
+        return from_peft_state_dict(state, config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterFileError(f"{path}: adapter_config.json does not describe its weights "
+                               f"({type(exc).__name__}: {exc})") from None
 
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -22,6 +22,9 @@ from fedlr.errors import ConfigError
 from fedlr.privacy import dp_accounting_epsilon, opacus_epsilon
 
 DISAGREEMENT = 0.01  # relative, on top of the numerical error the PRV accountant states
+COMPARED = ("the run's accountant agrees within 1 % (+0.01 for PRV's stated error) with "
+            "dp-accounting's accountant of the same kind (PRV with PLD, RDP with RDP); the other "
+            "RDP figure is an upper bound, looser than PRV/PLD by design, and is not compared")
 PRV_EPS_ERROR = 0.01  # Opacus's PRV accountant: epsilon is exact to about this, absolutely
 OUTSIDE_SAMPLE_LEVEL = [
     "each client's example count (the FedAvg weight), training loss and other metrics",
@@ -62,6 +65,12 @@ def sample_level(privacy: dict[str, Any]) -> dict[str, Any]:
     """Every client's epsilon from its recorded history: the run's accountant, PLD and RDP."""
     delta, accountant = privacy["delta"], privacy["accountant"]
     budget = privacy.get("budget")
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta < 1:
+        raise ValueError(f"delta {delta!r} is not a number in (0, 1)")
+    if accountant not in ("prv", "rdp"):
+        raise ValueError(f"unknown accountant {accountant!r}")
+    if budget is not None and not isinstance(budget, int | float):
+        raise ValueError(f"budget {budget!r} is not a number")
     clients, flags = {}, []
     for cid, info in privacy["clients"].items():
         history = [(float(s), float(q), int(n)) for s, q, n in info["history"]]
@@ -145,19 +154,39 @@ def client_level(facts: dict[str, Any]) -> dict[str, Any]:
 EMPIRICAL_KEYS = {"sample_level": "empirical", "client_level": "empirical_client_level"}
 
 
-def audit_run(run: Path, empirical: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The whole report as one JSON-able dict; `empirical` maps a level (sample_level,
-    client_level) to its canary audit's result."""
+def read_privacy(run: Path) -> dict[str, Any]:
+    """privacy.json of a run, or a ConfigError that names the file and the problem: an audit
+    never certifies what it could not read."""
+    if not run.is_dir():
+        raise ConfigError(f"{run} does not exist or is not a directory; give a run directory")
     path = run / "privacy.json"
     if not path.is_file():
         raise ConfigError(f"{run} has no privacy.json: the run was not differentially private, "
                           "there is nothing to audit")
-    privacy = json.loads(path.read_text())
+    try:
+        privacy = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); nothing was audited") from None
+    if not isinstance(privacy, dict) or not ({"clients", "client_level"} & set(privacy)):
+        raise ConfigError(f"{path} holds no privacy facts (neither 'clients' nor "
+                          "'client_level'); nothing was audited")
+    return privacy
+
+
+def audit_run(run: Path, empirical: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole report as one JSON-able dict; `empirical` maps a level (sample_level,
+    client_level) to its canary audit's result."""
+    privacy = read_privacy(run)
     report: dict[str, Any] = {"run": str(run), "versions": _versions(), "rng": RNG}
-    if "clients" in privacy:
-        report["sample_level"] = sample_level(privacy)
-    if "client_level" in privacy:
-        report["client_level"] = client_level(privacy["client_level"])
+    try:
+        if "clients" in privacy:
+            report["sample_level"] = sample_level(privacy)
+        if "client_level" in privacy:
+            report["client_level"] = client_level(privacy["client_level"])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        name = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(f"{run / 'privacy.json'} is malformed ({type(exc).__name__}: {name}); "
+                          "nothing was audited") from None
     levels = [report[k] for k in ("sample_level", "client_level") if k in report]
     report["flags"] = [f for level in levels for f in level["flags"]]
     for level, found in (empirical or {}).items():
@@ -185,8 +214,8 @@ def markdown(report: dict[str, Any]) -> str:
     if report["flags"]:
         lines += ["## Flags", "", *[f"- **{f}**" for f in report["flags"]], ""]
     else:
-        lines += ["No flags: accountants agree within 1 % (+0.01 for PRV), no client is over "
-                  "budget, and the run's own figures match.", ""]
+        lines += ["No flags: " + COMPARED + ", no client is over budget, and the run's own "
+                  "figures match.", ""]
     sample = report.get("sample_level")
     if sample:
         lines += [
@@ -268,6 +297,7 @@ def plot(report: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     rounds = [m["round"] for m in metrics]
@@ -275,7 +305,11 @@ def plot(report: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> N
                        ("client_epsilon", "client level")):
         if any(key in m for m in metrics):
             left.plot(rounds, [m.get(key) for m in metrics], marker="o", label=label)
+    budget = report.get("sample_level", {}).get("budget")
+    if budget is not None:
+        left.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
     left.set(xlabel="round", ylabel="epsilon", title="epsilon over rounds")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     if left.lines:
         left.legend()
     clients = report.get("sample_level", {}).get("clients", {})
@@ -287,12 +321,30 @@ def plot(report: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> N
     plt.close(fig)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The run's rounds for the plot; a torn or foreign file is an error, not a silent gap."""
+    if not path.is_file():
+        return []
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{lineno} is not valid JSON ({exc.msg}); nothing was "
+                              "audited") from None
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise ConfigError(f"{path}:{lineno} is not a round record; nothing was audited")
+        records.append(record)
+    return records
+
+
 def write_audit(run: Path, empirical: dict[str, dict[str, Any]] | None = None
                 ) -> dict[str, Any]:
     """audit.json, audit.md and audit.png in the run directory (each replaced atomically)."""
     report = audit_run(run, empirical)
-    metrics_path = run / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    metrics = read_metrics(run / "metrics.jsonl")
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     atomic_write(run / "audit.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     atomic_write(run / "audit.md",

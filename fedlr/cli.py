@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +22,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+
+
+def _default(name: str) -> str:
+    """A setting's default as `fedlr simulate --help` shows it (the options themselves default
+    to None, so that a --config file can set them)."""
+    from dataclasses import MISSING, fields
+
+    from fedlr.simconfig import SimulationConfig
+
+    field = next(f for f in fields(SimulationConfig) if f.name == name)
+    value = field.default_factory() if field.default is MISSING else field.default
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def _opt(name: str, help: str) -> Any:
+    """A `fedlr simulate` option for setting `name`, its default shown in --help."""
+    return typer.Option(show_default=_default(name), help=help)
 
 
 def _split_ints(text: str, what: str) -> list[int]:
@@ -55,9 +75,8 @@ def demo(
     ranks: Annotated[str, typer.Option(help="LoRA ranks, cycled over clients.")] = "4,8,16",
     rounds: Annotated[int, typer.Option(min=1)] = 6,
     local_steps: Annotated[int, typer.Option(min=1, help="Local optimiser steps per round.")] = 20,
-    hetero: Annotated[str, typer.Option(help="Heterogeneous-rank method: hetlora or flexlora.")] = (
-        "hetlora"
-    ),
+    hetero: Annotated[str, typer.Option(
+        help="Heterogeneous-rank method: hetlora, hetlora-fedavg or flexlora.")] = "hetlora",
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path, typer.Option(help="Where metrics.jsonl and demo.png go.")] = Path(
         "runs/demo"
@@ -65,31 +84,38 @@ def demo(
 ) -> None:
     """Compare the five aggregation strategies on a synthetic federation shaped like the default
     model (all-MiniLM-L6-v2), with mixed ranks, partial participation and one corrupted upload."""
-    from rich.progress import Progress
-
-    from fedlr.demo import DemoConfig, SyntheticFederation, run_strategy, write_results
-    from fedlr.strategies import STRATEGIES
+    from fedlr.config import HETERO_METHODS, STRATEGY_NAMES
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(STRATEGIES))
+    unknown = sorted(set(names) - set(STRATEGY_NAMES))
     if unknown:
-        raise FedlrError(f"unknown strategies {unknown}; choose from {sorted(STRATEGIES)}")
+        raise FedlrError(f"unknown strategies {unknown}; choose from {sorted(STRATEGY_NAMES)}")
     if clients_per_round > num_clients:
         raise FedlrError(
             f"--clients-per-round {clients_per_round} exceeds --num-clients {num_clients}"
         )
-    if hetero not in ("hetlora", "flexlora"):
-        raise FedlrError(f"unknown --hetero {hetero!r}; choose hetlora or flexlora")
+    if hetero not in HETERO_METHODS:
+        raise FedlrError(f"unknown --hetero {hetero!r}; choose one of {HETERO_METHODS}")
+    chosen_ranks = _split_ints(ranks, "--ranks")
+    from rich.progress import Progress
+
+    from fedlr.demo import DemoConfig, SyntheticFederation, run_strategy, write_results
+
     config = DemoConfig(
         strategies=names,
         num_clients=num_clients,
         clients_per_round=clients_per_round,
-        ranks=_split_ints(ranks, "--ranks"),
+        ranks=chosen_ranks,
         rounds=rounds,
         local_steps=local_steps,
         hetero=hetero,
         seed=seed,
     )
+    import torch
+
+    # small tensors: a second thread buys nothing and, on a many-core machine, many threads would
+    # spin for minutes of CPU time
+    torch.set_num_threads(1)
     fed = SyntheticFederation(config)
     records = []
     with Progress(console=console, transient=True) as progress:
@@ -114,7 +140,7 @@ def demo(
         rows = [r for r in records if r.strategy == name]
         table.add_row(
             name,
-            f"{rows[-1].residual:.2e}",
+            "exact" if rows[-1].exact else f"{rows[-1].residual:.2e}",
             f"{rows[-1].gap_to_optimum:.3f}",
             f"{sum(r.bytes_up for r in rows) / 1e6:.1f}",
             f"{sum(r.bytes_down for r in rows) / 1e6:.1f}",
@@ -162,68 +188,68 @@ def simulate(
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with any of these settings.")
     ] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedit, flora, ffa, fedsvd or fair.")] = None,
-    num_clients: Annotated[int | None, typer.Option(help="Clients in the federation.")] = None,
+    strategy: Annotated[str | None, _opt("strategy", "fedit, flora, ffa, fedsvd or fair.")] = None,
+    num_clients: Annotated[int | None, _opt("num_clients", "Clients in the federation.")] = None,
     clients_per_round: Annotated[
-        int | None, typer.Option(help="Clients sampled each round (default: all).")
+        int | None, _opt("clients_per_round", "Clients sampled each round (unset: all).")
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    rounds: Annotated[int | None, _opt("rounds", "Federated rounds.")] = None,
     rank: Annotated[int | None, typer.Option(help="One LoRA rank for every client.")] = None,
-    ranks: Annotated[str | None, typer.Option(help="LoRA ranks cycled over clients: 4,8,16.")] = (
-        None
-    ),
-    hetero_method: Annotated[str | None, typer.Option(help="hetlora or flexlora.")] = None,
-    model: Annotated[str | None, typer.Option(help="minilm, tiny, a directory or a hub id.")] = (
-        None
-    ),
-    task: Annotated[str | None, typer.Option(help="classification or causal-lm.")] = None,
+    ranks: Annotated[str | None, _opt("ranks", "LoRA ranks cycled over clients.")] = None,
+    hetero_method: Annotated[
+        str | None, _opt("hetero", "hetlora, hetlora-fedavg or flexlora.")] = None,
+    model: Annotated[str | None, _opt("model", "minilm, tiny, a directory or a hub id.")] = None,
+    task: Annotated[str | None, _opt("task", "classification or causal-lm.")] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="stdlib-docs, a .jsonl/.csv/.txt file or a hub dataset.")
+        str | None, _opt("dataset", "stdlib-docs, a .jsonl/.csv/.txt file or a hub dataset.")
     ] = None,
     partition: Annotated[
-        str | None, typer.Option(help="iid, dirichlet:ALPHA or pathological:K.")
-    ] = None,
-    local_steps: Annotated[int | None, typer.Option(help="Local optimiser steps per round.")] = (
-        None
-    ),
-    batch_size: Annotated[int | None, typer.Option(help="Local (expected) batch size.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
-    noise_multiplier: Annotated[float | None, typer.Option(help="DP-SGD noise sigma.")] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="DP-SGD clipping bound C.")] = None,
+        str | None, _opt("partition", "iid, dirichlet:ALPHA or pathological:K.")] = None,
+    local_steps: Annotated[
+        int | None, _opt("local_steps", "Local optimiser steps per round.")] = None,
+    batch_size: Annotated[int | None, _opt("batch_size", "Local (expected) batch size.")] = None,
+    lr: Annotated[float | None, _opt("lr", "Local learning rate.")] = None,
+    noise_multiplier: Annotated[
+        float | None, _opt("noise_multiplier", "DP-SGD noise sigma.")] = None,
+    max_grad_norm: Annotated[
+        float | None, _opt("max_grad_norm", "DP-SGD clipping bound C.")] = None,
     target_epsilon: Annotated[
-        float | None, typer.Option(help="Solve sigma for this epsilon over the planned run.")
+        float | None, _opt("target_epsilon", "Solve sigma for this epsilon over the planned run.")
     ] = None,
-    delta: Annotated[float | None, typer.Option(help="DP delta.")] = None,
+    delta: Annotated[float | None, _opt("delta", "DP delta.")] = None,
     client_noise: Annotated[
-        float | None, typer.Option(help="Client-level DP (DP-FedAvg): noise multiplier z.")
+        float | None,
+        _opt("client_noise_multiplier", "Client-level DP (DP-FedAvg): noise multiplier z."),
     ] = None,
     client_clip: Annotated[
-        float | None, typer.Option(help="Client-level DP: L2 bound S on each client's update.")
+        float | None,
+        _opt("client_clip_norm", "Client-level DP: L2 bound S on each client's update."),
     ] = None,
     client_sampling: Annotated[
-        str | None, typer.Option(help="Client-level DP: poisson or fixed client sampling.")
+        str | None, _opt("client_sampling", "Client-level DP: poisson or fixed client sampling.")
     ] = None,
     publish_client_ids: Annotated[
-        bool | None, typer.Option(help="Client-level DP: name each round's clients in the run "
-                                       "directory; epsilon is then accounted without "
-                                       "amplification by sampling.")
+        bool | None,
+        _opt("publish_client_ids", "Client-level DP: name each round's clients in the run "
+                                   "directory; epsilon is then accounted without amplification "
+                                   "by sampling."),
     ] = None,
     export_rank: Annotated[
-        int | None, typer.Option(help="flora: compress the exported adapter to this rank.")
+        int | None, _opt("export_rank", "flora: compress the exported adapter to this rank.")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of everything random.")] = None,
+    seed: Annotated[int | None, _opt("seed", "Seed of everything random (not of DP's draws).")
+                    ] = None,
     out: Annotated[
         str | None, typer.Option(help="Run directory, must not exist (default: runs/NAME-TIME).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     save_client_updates: Annotated[
-        bool | None, typer.Option(help="Keep every client's update of every round.")
+        bool | None, _opt("save_client_updates", "Keep every client's update of every round.")
     ] = None,
 ) -> None:
     """Simulate a federation on this machine (Flower simulation engine). With no options: the
-    default model (all-MiniLM-L6-v2) on the built-in stdlib-docs task, ffa, 8 clients."""
-    from fedlr.client.app import app as client_app
-    from fedlr.server.simulation import simulate as run
+    default model (all-MiniLM-L6-v2) on the built-in stdlib-docs task, ffa, 8 clients. Ctrl-C
+    stops it within seconds; --resume continues it."""
     from fedlr.simconfig import SimulationConfig
 
     if rank is not None and ranks is not None:
@@ -244,8 +270,98 @@ def simulate(
             _split_ints(ranks, "--ranks") if ranks is not None else None
         ),
     }
-    settings = SimulationConfig.load(config, overrides)
+    try:
+        settings = SimulationConfig.load(config, overrides)
+    except FedlrError as exc:  # name the flags the user typed, not the settings' TOML names
+        raise FedlrError(_as_flags(str(exc), [k for k, v in overrides.items() if v is not None])
+                         ) from None
+    _stop_on_signals(Path(str(settings.out)))
+    from fedlr.client.app import app as client_app
+    from fedlr.server.simulation import simulate as run
+
     run(settings, client_app, resume=resume, console=console)
+
+
+FLAG_NAMES = {"client_noise_multiplier": "--client-noise", "client_clip_norm": "--client-clip"}
+
+
+def _as_flags(message: str, given: list[str]) -> str:
+    """An error about settings, with each setting given on the command line named by its flag
+    (names of several words only: a one-word name is the same word in prose)."""
+    import re
+
+    for name in (n for n in given if "_" in n):
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(rf"(?<![-\w]){name}(?![-\w])", flag, message)
+    return message
+
+
+def _stop_on_signals(out: Path) -> None:
+    """Ctrl-C (or SIGTERM) ends the process within seconds: every process it started (Flower's
+    and Ray's) is killed, one line says how to resume, and it exits with 130 (143). Every file
+    of a run directory is written atomically, so --resume continues from wherever it stopped."""
+    import os
+    import signal
+
+    import psutil
+
+    def stop(signum: int, frame: object) -> None:
+        how = (f"continue with the same settings and --out {out} --resume" if out.exists()
+               else "nothing was written")
+        Console(stderr=True).print(f"\ninterrupted: {how}", highlight=False, soft_wrap=True)
+        quiet = os.open(os.devnull, os.O_WRONLY)  # Flower's threads would report the kills
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(children, timeout=5)
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
+@app.command()
+def predict(
+    adapter: Annotated[Path, typer.Argument(help="A run's adapter/ folder.")],
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to classify or continue.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="One text per line.")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Classes shown per text.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LM: tokens to add.")] = 32,
+) -> None:
+    """Label names with scores for each text (or a continuation, for a causal LM), from the
+    base and the exported adapter."""
+    given = list(texts or [])
+    if file is not None:
+        if not file.is_file():
+            raise FedlrError(f"--file not found: {file}")
+        given += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not given:
+        raise FedlrError("no text to predict: give texts as arguments or --file FILE")
+    if not adapter.is_dir():
+        raise FedlrError(f"{adapter} is not a directory; give a run's adapter/ folder")
+    from fedlr.predict import classify, generate, load_exported
+
+    exported = load_exported(adapter)
+    table = Table(title=f"{adapter} on {exported.spec.name}")
+    table.add_column("text", overflow="fold", max_width=60)
+    if exported.spec.task == "classification":
+        table.add_column("prediction")
+        table.add_column("score", justify="right")
+        table.add_column("next", overflow="fold")
+        for text, ranked in zip(given, classify(exported, given, top), strict=True):
+            label, score = ranked[0]
+            rest = ", ".join(f"{name} {p:.3f}" for name, p in ranked[1:])
+            table.add_row(text, label, f"{score:.3f}", rest)
+    else:
+        table.add_column("continuation", overflow="fold")
+        for text, more in zip(given, generate(exported, given, max_new_tokens), strict=True):
+            table.add_row(text, more)
+    console.print(table)
 
 
 privacy_app = typer.Typer(help="Size a private run before it starts.", no_args_is_help=True)
@@ -468,6 +584,9 @@ def main() -> None:
     except FedlrError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        Console(stderr=True).print("interrupted", highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

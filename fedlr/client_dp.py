@@ -43,81 +43,12 @@ from dp_accounting import pld, rdp
 from torch import Tensor
 
 from fedlr.adapters import Adapter
+from fedlr.config import ClientDPConfig, check_composes
 from fedlr.errors import ConfigError
 from fedlr.lowrank import LowRank, svd
 from fedlr.strategies.base import ClientUpdate, GlobalState, Strategy
 
-SUPPORTED_STRATEGIES = ("fedit", "ffa", "fedsvd")
-SAMPLING_MODES = ("poisson", "fixed")
-ACCOUNTANTS = ("rdp", "pld")
 PRIVACY_UNIT = "one client's whole contribution: all its examples in all rounds"
-
-_REFUSED = {
-    "flora": (
-        "FLoRA stacks every client's factors, so the aggregate grows with the number of clients "
-        "and is a sum of products B_k A_k, not a sum of clipped vectors that noise can cover"
-    ),
-    "fair": (
-        "LoRA-FAIR's server-side correction optimises on the raw client factors, which noise "
-        "added to their sum does not protect"
-    ),
-}
-
-
-@dataclass(frozen=True)
-class ClientDPConfig:
-    """z (noise multiplier), S (clip norm), client sampling, delta and accountant."""
-
-    noise_multiplier: float
-    clip_norm: float
-    sampling: str = "poisson"
-    delta: float = 1e-5
-    accountant: str = "rdp"
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad setting and its fix."""
-        z, s = self.noise_multiplier, self.clip_norm
-        if not (math.isfinite(z) and z >= 0):
-            raise ConfigError(f"client-DP noise multiplier must be a number >= 0, got {z!r}")
-        if not (math.isfinite(s) and s > 0):
-            raise ConfigError(f"client-DP clip norm must be a finite number > 0, got {s!r}")
-        if self.sampling not in SAMPLING_MODES:
-            raise ConfigError(
-                f"unknown client sampling {self.sampling!r}; choose one of {SAMPLING_MODES}"
-            )
-        if not (0 < self.delta < 1):
-            raise ConfigError(f"client-DP delta must be in (0, 1), got {self.delta!r}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(
-                f"unknown client-DP accountant {self.accountant!r}; choose one of {ACCOUNTANTS}"
-            )
-        if self.accountant == "pld" and self.sampling == "fixed":
-            raise ConfigError(
-                "accountant 'pld' cannot account fixed-size client sampling (dp-accounting's PLD "
-                "has no sampling-without-replacement event); use accountant 'rdp' or sampling "
-                "'poisson'"
-            )
-
-
-def check_composes(strategy_name: str, hetero: str) -> None:
-    """Refuse strategies whose aggregate is not a noised sum of clipped update vectors."""
-    if strategy_name in _REFUSED:
-        raise ConfigError(
-            f"client-level DP does not compose with strategy {strategy_name!r}: "
-            f"{_REFUSED[strategy_name]}; use one of {SUPPORTED_STRATEGIES}"
-        )
-    if strategy_name not in SUPPORTED_STRATEGIES:
-        raise ConfigError(
-            f"client-level DP does not support strategy {strategy_name!r}; "
-            f"use one of {SUPPORTED_STRATEGIES}"
-        )
-    if strategy_name == "fedit" and hetero == "flexlora":
-        raise ConfigError(
-            "client-level DP does not compose with strategy 'fedit' and hetero 'flexlora': "
-            "FlexLoRA takes an SVD of the exact sum of client products, not a sum of clipped "
-            "factor deltas; use hetero 'hetlora', or strategy 'ffa' or 'fedsvd'"
-        )
-
 
 @dataclass(frozen=True)
 class ClientDPReport:

@@ -1,4 +1,9 @@
-"""Settings of local training and of DP-SGD, validated before any work starts."""
+"""Settings, validated before any work starts: model, data, training, DP-SGD and client-level DP,
+and the names every front end checks against.
+
+Nothing here imports torch or transformers, so a command line checks its arguments in well under
+a second, before any heavy import.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ from dataclasses import dataclass
 
 from fedlr.errors import ConfigError
 
+STRATEGY_NAMES = ("fedit", "flora", "ffa", "fedsvd", "fair")  # fedlr.strategies.STRATEGIES
+HETERO_METHODS = ("hetlora", "hetlora-fedavg", "flexlora")
+HEAD_MODES = ("train", "freeze")
+TASKS = ("classification", "causal-lm")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "fused")
 ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adamw", "sgd")
@@ -95,3 +104,110 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {DEVICES}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, for which task; `targets=None` picks the architecture's default."""
+
+    name: str = "minilm"
+    task: str = "classification"
+    num_labels: int = 2
+    targets: tuple[str, ...] | None = None
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {TASKS}")
+        if self.task == "classification" and self.num_labels < 2:
+            raise ConfigError(f"classification needs at least 2 labels, got {self.num_labels}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be at least 2 tokens, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How every process loads and partitions a run's data (the server, each client)."""
+
+    source: str
+    task: str
+    num_clients: int
+    partition: str
+    seed: int
+    max_length: int
+    eval_examples: int
+
+
+# -- client-level DP (DP-FedAvg, fedlr.client_dp) -------------------------------------------
+
+SUPPORTED_STRATEGIES = ("fedit", "ffa", "fedsvd")
+SAMPLING_MODES = ("poisson", "fixed")
+CLIENT_ACCOUNTANTS = ("rdp", "pld")
+
+_REFUSED = {
+    "flora": (
+        "FLoRA stacks every client's factors, so the aggregate grows with the number of clients "
+        "and is a sum of products B_k A_k, not a sum of clipped vectors that noise can cover"
+    ),
+    "fair": (
+        "LoRA-FAIR's server-side correction optimises on the raw client factors, which noise "
+        "added to their sum does not protect"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ClientDPConfig:
+    """z (noise multiplier), S (clip norm), client sampling, delta and accountant."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sampling: str = "poisson"
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad setting and its fix."""
+        z, s = self.noise_multiplier, self.clip_norm
+        if not (math.isfinite(z) and z >= 0):
+            raise ConfigError(f"client-DP noise multiplier must be a number >= 0, got {z!r}")
+        if not (math.isfinite(s) and s > 0):
+            raise ConfigError(f"client-DP clip norm must be a finite number > 0, got {s!r}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(
+                f"unknown client sampling {self.sampling!r}; choose one of {SAMPLING_MODES}"
+            )
+        if not (0 < self.delta < 1):
+            raise ConfigError(f"client-DP delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in CLIENT_ACCOUNTANTS:
+            raise ConfigError(
+                f"unknown client-DP accountant {self.accountant!r}; choose one of "
+                f"{CLIENT_ACCOUNTANTS}"
+            )
+        if self.accountant == "pld" and self.sampling == "fixed":
+            raise ConfigError(
+                "accountant 'pld' cannot account fixed-size client sampling (dp-accounting's PLD "
+                "has no sampling-without-replacement event); use accountant 'rdp' or sampling "
+                "'poisson'"
+            )
+
+
+def check_composes(strategy_name: str, hetero: str) -> None:
+    """Refuse strategies whose aggregate is not a noised sum of clipped update vectors."""
+    if strategy_name in _REFUSED:
+        raise ConfigError(
+            f"client-level DP does not compose with strategy {strategy_name!r}: "
+            f"{_REFUSED[strategy_name]}; use one of {SUPPORTED_STRATEGIES}"
+        )
+    if strategy_name not in SUPPORTED_STRATEGIES:
+        raise ConfigError(
+            f"client-level DP does not support strategy {strategy_name!r}; "
+            f"use one of {SUPPORTED_STRATEGIES}"
+        )
+    if strategy_name == "fedit" and hetero == "flexlora":
+        raise ConfigError(
+            "client-level DP does not compose with strategy 'fedit' and hetero 'flexlora': "
+            "FlexLoRA takes an SVD of the exact sum of client products, not a sum of clipped "
+            "factor deltas; use hetero 'hetlora', or strategy 'ffa' or 'fedsvd'"
+        )

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -301,3 +302,25 @@ def partition(dataset: Any, num_clients: int, scheme: str, seed: int = 0) -> lis
         )
     return shards
 
+
+
+def evaluation_subset(heldout: Any, size: int, seed: int) -> Any:
+    """`size` held-out examples that represent the split: stratified by label (each class in
+    proportion, by largest remainders, drawn from a seeded shuffle), or a seeded random sample
+    without labels. Never the first rows: a split in label order would cover a few classes."""
+    if size >= len(heldout):
+        return heldout
+    order = list(range(len(heldout)))
+    random.Random(f"evaluation:{seed}").shuffle(order)
+    if "label" not in heldout.column_names:
+        return heldout.select(sorted(order[:size]))
+    labels = heldout["label"]
+    by_class: dict[int, list[int]] = {}
+    for i in order:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    quotas = {c: size * len(rows) / len(heldout) for c, rows in by_class.items()}
+    counts = {c: int(q) for c, q in quotas.items()}
+    leftover = size - sum(counts.values())
+    for c in sorted(quotas, key=lambda c: (counts[c] - quotas[c], c))[:leftover]:
+        counts[c] += 1
+    return heldout.select(sorted(i for c, rows in by_class.items() for i in rows[: counts[c]]))

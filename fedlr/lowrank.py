@@ -88,8 +88,18 @@ class FactoredSVD:
     Vh: Tensor
 
     def top(self, rank: int) -> LowRank:
-        """Best rank-`rank` approximation; B carries the singular values, A orthonormal rows."""
-        return LowRank(self.U[:, :rank] * self.S[:rank], self.Vh[:rank])
+        """Best rank-`rank` approximation with exactly `rank` components; B carries the singular
+        values, A orthonormal rows. When B A has fewer components (a stack of few small ranks),
+        the rest have singular value 0 (zero columns of B) and directions that complete A's rows
+        to an orthonormal set (zero rows only past d_in), so every client still gets its rank
+        and a component that can learn (a zero row of A and column of B never would)."""
+        kept = min(rank, self.S.numel())
+        B, A = self.U[:, :kept] * self.S[:kept], self.Vh[:kept]
+        missing = rank - kept
+        if missing == 0:
+            return LowRank(B, A)
+        return LowRank(torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1),
+                       torch.cat([A, orthonormal_completion(A, missing)]))
 
     def energy(self, rank: int) -> float:
         """Fraction of ||B A||_F^2 kept by the leading `rank` components (1.0 for a zero matrix)."""
@@ -97,19 +107,30 @@ class FactoredSVD:
         return 1.0 if total == 0.0 else float((self.S[:rank] ** 2).sum()) / total
 
 
+def orthonormal_completion(rows: Tensor, count: int) -> Tensor:
+    """`count` unit rows orthogonal to the orthonormal `rows` and to each other (deterministic:
+    the Householder QR of [rows^T | I]); zero rows for any beyond the dimension."""
+    d = rows.shape[1]
+    basis, _ = torch.linalg.qr(torch.cat([rows.T, torch.eye(d, dtype=rows.dtype,
+                                                            device=rows.device)], dim=1))
+    extra = basis[:, rows.shape[0]: rows.shape[0] + count].T
+    return torch.cat([extra, rows.new_zeros(count - extra.shape[0], d)])
+
+
 def svd(x: LowRank) -> FactoredSVD:
     """SVD of B A through QR of the thin factors; never forms the d_out x d_in product.
 
-    Singular vectors get a deterministic sign (largest |entry| of each right vector positive) so
-    that every process computing the same SVD agrees, including the arbitrary directions of a
-    rank-deficient product.
+    Singular vectors get a deterministic sign: the largest |entry| of each final right vector
+    (row of Vh) is positive, U's columns flipped with them. So the result depends on B A alone,
+    not on how it was factored, wherever the singular values are distinct and non-zero.
     """
     q_b, core, q_a = _core(x)
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
-    pivot = vh_c.abs().argmax(dim=1, keepdim=True)
-    sign = torch.sign(vh_c.gather(1, pivot)).squeeze(1)
+    U, Vh = q_b @ u_c, vh_c @ q_a.T
+    pivot = Vh.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(Vh.gather(1, pivot)).squeeze(1)
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return FactoredSVD(q_b @ (u_c * sign), s, (vh_c * sign[:, None]) @ q_a.T)
+    return FactoredSVD(U * sign, s, Vh * sign[:, None])
 
 
 def kaiming_uniform_a(

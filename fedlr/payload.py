@@ -15,9 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from fedlr.adapters import Adapter
-from fedlr.config import DPConfig, TrainConfig
-from fedlr.models import ModelSpec
-from fedlr.session import DataSpec
+from fedlr.config import DataSpec, DPConfig, ModelSpec, TrainConfig
 
 
 @dataclass

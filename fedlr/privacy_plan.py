@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedlr.client_dp import ACCOUNTANTS as CLIENT_ACCOUNTANTS
-from fedlr.client_dp import SAMPLING_MODES as SAMPLINGS
 from fedlr.config import ACCOUNTANTS as SAMPLE_ACCOUNTANTS
+from fedlr.config import CLIENT_ACCOUNTANTS
+from fedlr.config import SAMPLING_MODES as SAMPLINGS
 from fedlr.errors import ConfigError
 
 MAX_NOISE = 1000.0  # a noise multiplier beyond this leaves nothing to learn; plans stop here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -10,15 +11,22 @@ from fedlr.errors import RoundFailedError
 from fedlr.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
 from fedlr.validation import ValidationPolicy, validate_update
 
+REJECTION_KINDS = ("invalid update", "duplicate", "no reply", "not connected", "client failed",
+                   "refused", "malformed reply")
+
 
 @dataclass(frozen=True)
 class Rejection:
-    """Why a client's update is not in the round. `kind` is one of a few fixed phrases, what a
-    run may publish where client ids and details must stay secret (client-level DP)."""
+    """Why a client's update is not in the round. `kind` is one of REJECTION_KINDS, what a run
+    may publish where client ids and details must stay secret (client-level DP)."""
 
     client_id: str
     reason: str
     kind: str = "invalid update"
+
+    def __post_init__(self) -> None:
+        if self.kind not in REJECTION_KINDS:
+            raise ValueError(f"unknown rejection kind {self.kind!r}; use one of {REJECTION_KINDS}")
 
 
 @dataclass
@@ -72,5 +80,9 @@ def aggregate_round(
             f"round {state.round + 1}: {len(accepted)} valid update(s), at least "
             f"{policy.min_valid_updates} needed; the global state is unchanged ({why})"
         )
+    if not accepted and aggregate is None:  # allowed by the policy: the adapter carries over
+        new_state = strategy.carry_over(state)
+        report = AggregationReport(strategy.name, new_state.round, {}, math.nan, math.nan, {})
+        return RoundResult(new_state, report, [], rejected)
     new_state, report = (aggregate or strategy.aggregate)(state, accepted)
     return RoundResult(new_state, report, [u.client_id for u in accepted], rejected)

@@ -8,11 +8,13 @@ base once (shared by every client it serves, one small adapter per rank) and the
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedlr.batches import Encoded, encode
-from fedlr.data import TextData, load_data, load_local, partition
+from fedlr.config import DataSpec
+from fedlr.data import TextData, evaluation_subset, load_data, load_local, partition
 from fedlr.models import (
     LoraHost,
     ModelSpec,
@@ -21,17 +23,6 @@ from fedlr.models import (
     load_tokenizer,
     resolve_device,
 )
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: str
-    task: str
-    num_clients: int
-    partition: str
-    seed: int
-    max_length: int
-    eval_examples: int
 
 
 @dataclass
@@ -51,7 +42,20 @@ class DataSession:
     heldout: Encoded
     tokenizer: Any
     max_length: int
+    evaluated: Any = None  # the held-out rows `heldout` encodes (datasets.Dataset)
     _encoded: dict[int, Encoded] = field(default_factory=dict)
+
+    def evaluation_facts(self) -> dict[str, Any]:
+        """What the reported held-out metrics cover, and the bar to beat."""
+        facts: dict[str, Any] = {"examples": len(self.heldout),
+                                 "heldout_examples": len(self.data.heldout)}
+        if self.data.label_names and "label" in self.evaluated.column_names:
+            counts = Counter(self.evaluated["label"])
+            facts.update(labels=list(self.data.label_names), classes_evaluated=len(counts),
+                         classes=len(self.data.label_names),
+                         chance_accuracy=max(counts.values()) / len(self.evaluated),
+                         chance="accuracy of always guessing the most frequent class")
+        return facts
 
     def shard(self, client: int) -> Encoded:
         if client not in self._encoded:
@@ -84,10 +88,9 @@ def data_session(spec: DataSpec, model: ModelSpec) -> DataSession:
     data = data_source(spec.source, spec.task)
     tokenizer = tokenizer_for(model)
     shards = partition(data.train, spec.num_clients, spec.partition, seed=spec.seed)
-    heldout = data.heldout.select(range(min(spec.eval_examples, len(data.heldout))))
-    return DataSession(
-        data, shards, encode(heldout, tokenizer, spec.max_length), tokenizer, spec.max_length
-    )
+    heldout = evaluation_subset(data.heldout, spec.eval_examples, spec.seed)
+    return DataSession(data, shards, encode(heldout, tokenizer, spec.max_length), tokenizer,
+                       spec.max_length, heldout)
 
 
 

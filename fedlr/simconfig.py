@@ -13,14 +13,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedlr.client_dp import ClientDPConfig, check_composes
-from fedlr.config import DPConfig, TrainConfig
+from fedlr.config import (
+    HEAD_MODES,
+    HETERO_METHODS,
+    STRATEGY_NAMES,
+    TASKS,
+    ClientDPConfig,
+    DataSpec,
+    DPConfig,
+    ModelSpec,
+    TrainConfig,
+    check_composes,
+)
 from fedlr.data import BUILTIN, PartitionScheme, names_a_file
 from fedlr.errors import ConfigError
-from fedlr.models import TASKS, ModelSpec, resolve_source
-from fedlr.session import DataSpec
-from fedlr.strategies import STRATEGIES
-from fedlr.strategies.base import HEAD_MODES, HETERO_METHODS
+from fedlr.model_sources import resolve_source
 
 
 @dataclass
@@ -91,9 +98,9 @@ class SimulationConfig:
     # -- checks --------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
+        if self.strategy not in STRATEGY_NAMES:
             raise ConfigError(
-                f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}"
+                f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGY_NAMES)}"
             )
         for name in ("num_clients", "rounds", "local_steps", "batch_size", "max_length",
                      "min_valid_updates", "eval_examples"):
@@ -122,6 +129,9 @@ class SimulationConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value > 0):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if isinstance(self.delta, bool) or not isinstance(self.delta, int | float) or not (
+                0 < self.delta < 1):
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ConfigError(f"max_update_norm must be positive, got {self.max_update_norm!r}")
         PartitionScheme.parse(self.partition)

@@ -30,6 +30,7 @@ from fedlr.client_dp import (
     draw_clients,
     published_sample_epsilon,
 )
+from fedlr.config import DataSpec
 from fedlr.errors import FedlrError, RoundFailedError
 from fedlr.evaluation import evaluate
 from fedlr.payload import Job, adapter_payload, job_settings
@@ -37,7 +38,7 @@ from fedlr.privacy import PrivacyLedger, opacus_epsilon, private_generator
 from fedlr.rounds import Rejection, aggregate_round
 from fedlr.server.nodes import NodeDirectory
 from fedlr.server.rundir import RunDir, write_json
-from fedlr.session import DataSession, DataSpec, ModelSession, data_session, data_source
+from fedlr.session import DataSession, ModelSession, data_session, data_source
 from fedlr.session import model_session as load_model_session
 from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import FederationSpec, GlobalState, Strategy, make_strategy
@@ -115,12 +116,17 @@ class Coordinator:
     # -- state ---------------------------------------------------------------------------------
 
     def initial(self, resume: bool) -> GlobalState:
-        if not resume:
+        """Round 0, or on resume the last checkpoint (round 0 if the run was killed before its
+        first), with whatever later rounds left behind discarded."""
+        checkpoint = self.run.load_checkpoint() if resume else None
+        if checkpoint is None:
+            if resume:
+                self.run.discard_after(0)
             return self.fed.strategy.init_state(self.fed.model.host.initial_head)
-        tensors, info = self.run.load_checkpoint()
+        tensors, info = checkpoint
         self.ledgers = {c: PrivacyLedger.from_dict(d) for c, d in info["ledgers"].items()}
         self.client_rounds = dict(info.get("client_rounds", {}))
-        self.run.truncate_metrics(info["round"])
+        self.run.discard_after(info["round"])
         return GlobalState.from_tensors(tensors, info["state"])
 
     def checkpoint(self, state: GlobalState) -> None:
@@ -233,6 +239,7 @@ class Coordinator:
         record = self.record(round_, clients, accepted, rejected, metrics, evaluation, epsilons,
                              result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
+        record["aggregation_exact"] = bool(result.report.details.get("exact"))
         client_level = self.client_level(round_, accepted)
         if client_level:
             record["client_epsilon"] = client_level["epsilon"]

@@ -11,6 +11,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from fedlr.adapters import Adapter, LoraFactors, peft_config_fields, to_peft_state_dict
+from fedlr.lowrank import svd
 from fedlr.strategies import GlobalState, Strategy
 from fedlr.strategies.flora import FLoRA
 
@@ -22,8 +23,10 @@ def final_adapter(strategy: Strategy, state: GlobalState, export_rank: int | Non
     """What the run hands over, and facts about it.
 
     FLoRA: the exact cumulative update of all rounds as one LoRA of the stacked rank (scaling 1),
-    or, with `export_rank`, its best rank-`export_rank` approximation and the energy each module
-    keeps. The others: the global adapter at the federation's largest rank, in PEFT's scaling.
+    re-factored exactly by an SVD where that rank exceeds min(d_out, d_in) (no exact LoRA needs
+    more); or, with `export_rank`, its best rank-`export_rank` approximation and the energy each
+    module keeps. The others: the global adapter at the federation's largest rank, in PEFT's
+    scaling.
     """
     info: dict[str, Any] = {"strategy": strategy.name, "round": state.round}
     if isinstance(strategy, FLoRA):
@@ -32,6 +35,10 @@ def final_adapter(strategy: Strategy, state: GlobalState, export_rank: int | Non
             source, info["energy_kept"] = compressed, energy
         else:
             source = strategy.cumulative(state)
+            capped = {name: min(x.shape) for name, x in source.items() if x.rank > min(x.shape)}
+            source = {name: svd(x).top(capped[name]) if name in capped else x
+                      for name, x in source.items()}
+            info["refactored_exactly"] = sorted(capped)
         lora = {name: LoraFactors(x.A, x.B, 1.0) for name, x in source.items()}
     else:
         rank = strategy.spec.max_rank
@@ -42,8 +49,10 @@ def final_adapter(strategy: Strategy, state: GlobalState, export_rank: int | Non
 
 
 def export_peft(folder: Path, adapter: Adapter, base_model: str, task: str,
-                info: dict[str, Any]) -> None:
-    """Write adapter_config.json and adapter_model.safetensors into `folder`, atomically."""
+                info: dict[str, Any], model_config: Any = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into `folder`, atomically, with
+    fedlr_export.json (`info`) and, given the base's transformers config, config.json: a
+    classifier's num_labels, id2label and label2id, where transformers looks for them."""
     from peft import LoraConfig
 
     fields = peft_config_fields(adapter)
@@ -53,6 +62,8 @@ def export_peft(folder: Path, adapter: Adapter, base_model: str, task: str,
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         config.save_pretrained(str(staging))
+        if model_config is not None:
+            model_config.save_pretrained(str(staging))
         save_file(tensors, str(staging / "adapter_model.safetensors"))
         (staging / "fedlr_export.json").write_text(json.dumps(info, indent=2) + "\n")
         if folder.exists():

@@ -26,7 +26,8 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
             _num(r.get("eval_accuracy", r.get("eval_perplexity"))),
             *([_num(r.get("epsilon_max"))] if dp else []),
             *([_num(r.get("client_epsilon"))] if client_dp else []),
-            _sci(r["aggregation_residual"]), f"{r['bytes_up'] / 2**20:.2f}",
+            "exact" if r.get("aggregation_exact") else _sci(r["aggregation_residual"]),
+            f"{r['bytes_up'] / 2**20:.2f}",
             f"{r['bytes_down'] / 2**20:.2f}", f"{r['seconds']:.0f}",
         ]
         table.add_row(*row)
@@ -41,13 +42,32 @@ def _sci(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
-def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+def evaluation_note(evaluation: dict[str, Any]) -> str:
+    """What the held-out numbers cover, in one line under the table."""
+    note = (f"held-out metrics on {evaluation['examples']} of {evaluation['heldout_examples']} "
+            "examples")
+    if "classes" in evaluation:
+        note += (f", {evaluation['classes_evaluated']} of {evaluation['classes']} classes "
+                 f"(stratified); always guessing the most frequent class scores "
+                 f"{evaluation['chance_accuracy']:.3f}")
+    quality = evaluation.get("round_0", {})
+    if "accuracy" in quality:
+        note += f"; before training {quality['accuracy']:.3f}"
+    return note
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str,
+         evaluation: dict[str, Any] | None = None) -> None:
+    """Held-out quality, losses and epsilon per round; with `evaluation` (run.json) the
+    untrained adapter as round 0 and the chance level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    evaluation = evaluation or {}
+    start = evaluation.get("round_0")
     rounds = [r["round"] for r in records]
     panels = [("eval_accuracy", "held-out accuracy"), ("eval_perplexity", "held-out perplexity")]
     quality = next(((k, label) for k, label in panels if k in records[0]), None)
@@ -60,9 +80,20 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], shown, strict=True):
         if key == "loss":
-            ax.plot(rounds, [r["eval_loss"] for r in records], marker="o", label="held-out")
+            before = [0] if start else []
+            ax.plot(before + rounds, ([start["loss"]] if start else [])
+                    + [r["eval_loss"] for r in records], marker="o", label="held-out")
             ax.plot(rounds, [r["train_loss"] for r in records], marker="s", label="train (clients)")
             ax.legend()
+        elif key in ("eval_accuracy", "eval_perplexity"):
+            metric = key.removeprefix("eval_")
+            before = [0] if start and metric in start else []
+            ax.plot(before + rounds, ([start[metric]] if before else [])
+                    + [r.get(key) for r in records], marker="o", label="global adapter")
+            if key == "eval_accuracy" and "chance_accuracy" in evaluation:
+                ax.axhline(evaluation["chance_accuracy"], color="grey", linestyle="--",
+                           label="most frequent class")
+                ax.legend()
         else:
             ax.plot(rounds, [r.get(key) for r in records], marker="o")
         ax.set_xlabel("round")

@@ -10,14 +10,16 @@
     nodes/<id>/ledger.json           fedlr simulate: each simulated node's own privacy ledger
                                      (a deployed node keeps it on its own disk)
 
-Every file is written atomically; the checkpoint's JSON is written last and names its tensors, so
-a run killed at any instant resumes from the last completed round.
+Every file is written atomically, run.json first, and a round writes its checkpoint last (its JSON
+names its tensors), so a run killed at any instant resumes: from the last checkpointed round, or
+from the start when none was written; what a killed round left behind is discarded.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -55,14 +57,16 @@ class RunDir:
     def checkpoint_json(self) -> Path:
         return self.root / "checkpoint" / "checkpoint.json"
 
+    @property
+    def started(self) -> bool:
+        return (self.root / "run.json").is_file()
+
     def prepare(self, resume: bool) -> None:
-        """Refuse to overwrite a run; refuse to resume one that has nothing to resume from."""
+        """Refuse to overwrite a run; refuse to resume a directory that does not exist."""
         if resume:
-            if not self.checkpoint_json.is_file():
-                raise ConfigError(
-                    f"nothing to resume in {self.root}: no checkpoint/checkpoint.json; start it "
-                    "without --resume"
-                )
+            if not self.root.is_dir():
+                raise ConfigError(f"nothing to resume: {self.root} does not exist; start the run "
+                                  "without --resume")
             return
         if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
             raise ConfigError(
@@ -97,11 +101,15 @@ class RunDir:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def truncate_metrics(self, last_round: int) -> None:
-        """Drop rounds after the checkpoint (a run killed between metrics and checkpoint)."""
+    def discard_after(self, last_round: int) -> None:
+        """Drop what a round after the checkpoint left (a run killed before that round's
+        checkpoint): its metrics line and its rounds/ folder; it runs again."""
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
         atomic_write(self.root / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        for folder in sorted((self.root / "rounds").glob("[0-9]*")):
+            if folder.is_dir() and int(folder.name) > last_round:
+                shutil.rmtree(folder)
 
     # -- checkpoint ------------------------------------------------------------------------
 
@@ -117,7 +125,10 @@ class RunDir:
             if old.name != name:
                 old.unlink()
 
-    def load_checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def load_checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """The last checkpoint, or None when the run was killed before its first."""
+        if not self.checkpoint_json.is_file():
+            return None
         info = json.loads(self.checkpoint_json.read_text())
         with safe_open(str(self.checkpoint_json.parent / info["tensors"]), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118

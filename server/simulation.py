@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedlr.errors import FedlrError
-from fedlr.models import resolve_source
+from fedlr.model_sources import resolve_source
 from fedlr.node_privacy import SIMULATED_NODES_ENV
 from fedlr.server.coordinator import Coordinator, Federation
 from fedlr.server.export import export_peft, final_adapter
-from fedlr.server.report import plot, summary_table
+from fedlr.server.report import evaluation_note, plot, summary_table
 from fedlr.server.rundir import RunDir
 from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import GlobalState
@@ -44,21 +45,29 @@ def open_run(config: SimulationConfig, resume: bool) -> tuple[RunDir, Federation
     the federation (which validates model and data), then record the run."""
     run = RunDir(config.out)
     run.prepare(resume)
-    if resume:
+    if resume and run.started:
         check_resume(run, config)
     fed = Federation.build(config)
-    if not resume:
+    if not run.started:  # a new run, or one killed before it wrote anything
+        initial = Coordinator(fed, run).evaluate(fed.strategy.init_state(
+            fed.model.host.initial_head))
+        evaluation = {**fed.data.evaluation_facts(), "round_0": initial}
         run.write_run_json(config.to_dict(), {"strategy": fed.strategy.describe(),
-                                              "client_ranks": config.client_ranks()})
+                                              "client_ranks": config.client_ranks(),
+                                              "evaluation": evaluation})
     return run, fed
 
 
 def finish(coordinator: Coordinator, state: GlobalState) -> None:
-    """After the last round: the final adapter in PEFT format under adapter/."""
+    """After the last round: the final adapter in PEFT format under adapter/, with the base's
+    config naming the classes and, in fedlr_export.json, how `fedlr predict` rebuilds the base."""
     fed = coordinator.fed
     adapter, info = final_adapter(fed.strategy, state, fed.config.export_rank)
+    labels = list(fed.data.data.label_names) if fed.config.task == "classification" else []
+    info.update(model=asdict(fed.model.spec) | {"targets": list(fed.model.host.targets)},
+                labels=labels)
     export_peft(coordinator.run.root / "adapter", adapter, base_model_name(fed.config.model),
-                fed.config.task, info)
+                fed.config.task, info, fed.model.host.base_config(labels))
 
 
 def check_resume(run: RunDir, config: SimulationConfig) -> None:
@@ -136,12 +145,16 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
     records = run.read_metrics()
     if not records:
         raise FedlrError("the simulation ended without completing a round; see the log above")
+    evaluation = json.loads((run.root / "run.json").read_text()).get("evaluation", {})
     console.print(summary_table(records, f"{config.strategy} on {config.model} / {config.dataset}"))
+    if evaluation:
+        console.print(evaluation_note(evaluation), highlight=False)
     for record in records:
         for rejection in record["rejected"]:
             who = f"client {rejection['client']}" if "client" in rejection else "a client"
             console.print(f"round {record['round']}: rejected {who}: {rejection['reason']}",
                           highlight=False)
-    plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients")
+    plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients",
+         evaluation)
     console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/)")
     return run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -172,3 +174,27 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_adapter(junk)
     with pytest.raises(AdapterFileError, match="not a PEFT adapter directory"):
         load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("broken", ["weights", "config", "config not an object", "mismatch"])
+def test_a_corrupt_peft_directory_is_a_clear_error(tmp_path, broken):
+    model, _ = peft_model()
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    if broken == "weights":
+        data = (folder / "adapter_model.safetensors").read_bytes()
+        (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+        message = "adapter_model.safetensors is not a readable safetensors file"
+    elif broken == "config":
+        (folder / "adapter_config.json").write_text('{"r": 4, ')
+        message = "adapter_config.json is not valid JSON"
+    elif broken == "config not an object":
+        (folder / "adapter_config.json").write_text("[1, 2]")
+        message = "is not a PEFT adapter config"
+    else:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["lora_alpha"] = "sixteen"
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        message = "does not describe its weights"
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(folder)

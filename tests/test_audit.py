@@ -7,11 +7,16 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
+import dp_accounting
 import pytest
+from dp_accounting import rdp
+from rundirs import client_ids_in
 
 from fedlr.audit import write_audit
 from fedlr.client.app import app as client_app
+from fedlr.client_dp import ClientDPConfig, client_level_epsilon
 from fedlr.errors import ConfigError
 from fedlr.server.simulation import simulate
 from fedlr.simconfig import SimulationConfig
@@ -96,16 +101,78 @@ def test_fedlr_audit_empirical_audits_both_levels_of_a_run(dp_run):
                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((dp_run / "audit.json").read_text())
-    privacy = json.loads((dp_run / "privacy.json").read_text())
     sample, client = report["empirical"], report["empirical_client_level"]
     assert sample["canaries"] == client["canaries"] == 200
     assert 0 <= sample["epsilon_lower_bound"] <= sample["epsilon_claimed"]
     assert sample["steps"] == 6 and sample["noise_multiplier"] == 0.9
-    # the canaries audit the secret-sample mechanism, whose claim is below this run's, which
-    # published its sample and so claims no amplification
-    assert client["epsilon_claimed"] < privacy["client_level"]["epsilon"]
+    # the canaries audit the mechanism with a secret Poisson sample over every round, and are
+    # held to its claim (this run published its sample, which it accounts per client instead)
+    secret = client_level_epsilon(ClientDPConfig(1.2, 0.5), num_clients=3, per_round=2, rounds=2)
+    assert client["epsilon_claimed"] == pytest.approx(secret)
     assert 0 <= client["epsilon_lower_bound"] <= client["epsilon_claimed"]
     assert report["flags"] == []
     text = (dp_run / "audit.md").read_text()
     assert "Empirical lower bound, sample level" in text
     assert "Empirical lower bound, client level" in text
+
+
+BROKEN_PRIVACY = {
+    "empty": ("{}", "holds no privacy facts"),
+    "invalid JSON": ("{not json", "is not valid JSON"),
+    "mistyped delta": ('{"delta": "abc", "accountant": "prv", "clients": {}}',
+                       "is malformed (ValueError: delta 'abc'"),
+    "clients not a mapping": ('{"delta": 1e-5, "accountant": "prv", "privacy_unit": "x", '
+                              '"sampling": "x", "clients": 5}', "is malformed"),
+    "a field missing": ('{"clients": {"0": {"history": [[1.0, 0.1, 3]]}}}',
+                        "is malformed (KeyError: missing 'delta')"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_PRIVACY))
+def test_an_audit_of_an_unreadable_privacy_json_is_one_error_and_touches_nothing(
+        tmp_path, case, monkeypatch, capsys):
+    from fedlr.cli import main
+
+    content, message = BROKEN_PRIVACY[case]
+    (tmp_path / "privacy.json").write_text(content)
+    (tmp_path / "audit.md").write_text("the previous audit\n")
+    monkeypatch.setattr(sys, "argv", ["fedlr", "audit", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert message in " ".join(err.split()) and "privacy.json" in err
+    assert (tmp_path / "audit.md").read_text() == "the previous audit\n"
+    assert not (tmp_path / "audit.json").exists()
+
+
+def test_an_audit_of_a_directory_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        write_audit(tmp_path / "nowhere")
+
+
+def test_a_clean_audit_says_which_accountants_it_compared(dp_run):
+    write_audit(dp_run)
+    text = (dp_run / "audit.md").read_text()
+    assert "No flags:" in text and "PRV with PLD" in text and "looser" in text
+
+
+def test_published_client_ids_are_accounted_without_amplification(dp_run):
+    """The opt-in names each round's clients, so each client's epsilon is the Gaussian mechanism
+    composed over the rounds its update was in (dp-accounting's, within 1 %)."""
+    records = [json.loads(line) for line in (dp_run / "metrics.jsonl").read_text().splitlines()]
+    joined = Counter(c for r in records for c in r["accepted"])
+    assert client_ids_in(dp_run)  # the opt-in names them
+    privacy = json.loads((dp_run / "privacy.json").read_text())["client_level"]
+    assert privacy["client_ids_published"] is True
+    assert set(privacy["clients"]) == set(joined)
+    for client, rounds in joined.items():
+        accountant = rdp.RdpAccountant()
+        accountant.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(1.2), rounds))
+        assert privacy["clients"][client]["rounds"] == rounds
+        assert privacy["clients"][client]["epsilon"] == pytest.approx(
+            accountant.get_epsilon(1e-5), rel=0.01)
+    assert privacy["epsilon"] == max(c["epsilon"] for c in privacy["clients"].values())
+    assert records[-1]["client_epsilon"] == privacy["epsilon"]

@@ -118,3 +118,32 @@ def test_privacy_plan_refuses_a_target_and_a_noise_together():
                  "0.01")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "error:" in done.stderr
+
+
+@pytest.mark.parametrize("args", [["simulate", "--strategy", "fedprox"],
+                                  ["simulate", "--num-clients", "2", "--clients-per-round", "5"],
+                                  ["demo", "--strategies", "fedprox"]])
+def test_argument_errors_come_before_any_heavy_import(args):
+    """Checked first, imported after: an error needs neither torch nor Flower (well under a
+    second), and names the flag the user typed."""
+    code = ("import sys\nfrom fedlr.cli import main\nsys.argv = ['fedlr', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exit_:\n    code = exit_.code\n"
+            "heavy = sorted(m for m in ('torch', 'flwr', 'transformers') if m in sys.modules)\n"
+            "print(code, heavy)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    if "--clients-per-round" in args:
+        assert "--clients-per-round 5" in " ".join(done.stderr.split())
+
+
+def test_delta_must_be_a_probability_even_without_dp(tmp_path):
+    result = fedlr("simulate", "--model", "tiny", "--delta", "5", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "delta must be in (0, 1), got 5.0" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_simulate_help_shows_the_defaults():
+    out = " ".join(fedlr("simulate", "--help").stdout.split())
+    for default in ("(ffa)", "(8)", "(4,8,16)", "(hetlora)", "(stdlib-docs)"):
+        assert default in out, default

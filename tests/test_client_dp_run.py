@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
-from pathlib import Path
 
 import dp_accounting
 import pytest
 import torch
 from dp_accounting import rdp
+from rundirs import client_ids_in
 
 from fedlr.adapters import load_adapter
 from fedlr.client.app import app as client_app
 from fedlr.errors import ConfigError
+from fedlr.rounds import REJECTION_KINDS
 from fedlr.server.coordinator import sample_clients
 from fedlr.server.simulation import simulate
 from fedlr.simconfig import SimulationConfig
@@ -48,13 +48,19 @@ def test_without_noise_each_round_moves_the_global_adapter_by_at_most_the_clip_n
     assert 0 < change <= clip * (1 + 1e-5)
 
 
-def test_client_level_epsilon_is_dp_accountings_for_the_configured_sampling(tmp_path):
+def test_client_level_epsilon_is_dp_accountings_and_no_file_names_a_client(tmp_path):
+    """The accounted epsilon, and a client sample that stays secret: no file of the run names a
+    client; counts and kinds of rejection only (every update is rejected here: far too large)."""
     z, per_round = 1.1, 2
-    config = SimulationConfig.load(None, {**TINY, "clients_per_round": per_round,
+    config = SimulationConfig.load(None, {**TINY, "clients_per_round": per_round, "rounds": 3,
                                           "client_noise_multiplier": z, "client_clip_norm": 0.5,
-                                          "out": str(tmp_path / "run")})
+                                          "max_update_norm": 1e-3, "out": str(tmp_path / "run")})
     run = simulate(config, client_app)
+    assert client_ids_in(run.root) == []
     records = run.read_metrics()
+    kinds = [x["reason"] for r in records for x in r["rejected"]]
+    assert set(kinds) <= set(REJECTION_KINDS) and "invalid update" in kinds
+    assert all(r["num_accepted"] + len(r["rejected"]) == r["num_clients"] for r in records)
     q = per_round / TINY["num_clients"]
     for record in records:
         accountant = rdp.RdpAccountant()
@@ -67,7 +73,8 @@ def test_client_level_epsilon_is_dp_accountings_for_the_configured_sampling(tmp_
     assert privacy["epsilon"] == records[-1]["client_epsilon"]
     assert privacy["sampling"] == {"method": "poisson", "q": q, "num_clients": 4, "per_round": 2}
     assert privacy["adjacency"] == "add or remove one client"
-    assert privacy["rounds"] == 2 and privacy["clip_norm"] == 0.5
+    assert privacy["rounds"] == 3 and privacy["clip_norm"] == 0.5
+    assert privacy["client_ids_published"] is False
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -106,73 +113,8 @@ def test_poisson_sampling_under_client_dp_draws_each_client_with_probability_q(t
     assert len({len(d) for d in draws}) > 3  # Poisson: the round size varies
 
 
-ID_KEYS = {"clients", "accepted", "client", "client_rounds", "ledgers", "client_id"}
-
-
-def client_ids_in(run: Path) -> list[str]:
-    """Every place of the run directory that names which clients took part: id-valued keys in
-    its JSON files (the population's ranks in run.json excepted), and per-client files."""
-    found = [str(p.relative_to(run)) for p in run.rglob("*")
-             if p.parent.name in ("clients", "nodes")]
-
-    def walk(value, where):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key in ID_KEYS and item not in ([], {}, None):
-                    found.append(f"{where}: {key}")
-                walk(item, where)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item, where)
-
-    for path in [*run.rglob("*.json"), *run.rglob("*.jsonl")]:
-        lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
-        for line in lines:
-            document = json.loads(line)
-            if path.name == "run.json":
-                document.pop("client_ranks")
-                document["config"].pop("ranks")
-            walk(document, str(path.relative_to(run)))
-    return found
-
-
 SECRET = {**TINY, "rounds": 3, "clients_per_round": 2, "client_noise_multiplier": 1.0,
           "client_clip_norm": 0.5, "max_update_norm": 1e-3}  # some updates are rejected
-
-
-def test_under_client_level_dp_no_file_of_the_run_names_a_client(tmp_path):
-    run = simulate(SimulationConfig.load(None, {**SECRET, "out": str(tmp_path / "run")}),
-                   client_app)
-    assert client_ids_in(run.root) == []
-    records = run.read_metrics()
-    assert sum(r["num_clients"] for r in records) > 0  # counts are there, and reasons by kind
-    assert {x["reason"] for r in records for x in r["rejected"]} <= {"invalid update"}
-    assert any(r["rejected"] for r in records)
-    assert all(r["num_accepted"] + len(r["rejected"]) == r["num_clients"] for r in records)
-    privacy = json.loads((run.root / "privacy.json").read_text())["client_level"]
-    assert privacy["client_ids_published"] is False
-
-
-def test_published_client_ids_are_accounted_without_amplification(tmp_path):
-    z = 1.0
-    run = simulate(SimulationConfig.load(None, {**SECRET, "max_update_norm": None,
-                                                "publish_client_ids": True,
-                                                "out": str(tmp_path / "run")}), client_app)
-    records = run.read_metrics()
-    joined = Counter(c for r in records for c in r["accepted"])
-    assert client_ids_in(run.root)  # the opt-in names them
-    privacy = json.loads((run.root / "privacy.json").read_text())["client_level"]
-    assert privacy["client_ids_published"] is True
-    assert set(privacy["clients"]) == set(joined)
-    for client, rounds in joined.items():
-        accountant = rdp.RdpAccountant()
-        accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z),
-                                                             rounds))
-        expected = accountant.get_epsilon(1e-5)
-        assert privacy["clients"][client]["rounds"] == rounds
-        assert privacy["clients"][client]["epsilon"] == pytest.approx(expected, rel=0.01)
-    assert privacy["epsilon"] == max(c["epsilon"] for c in privacy["clients"].values())
-    assert records[-1]["client_epsilon"] == privacy["epsilon"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

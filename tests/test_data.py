@@ -13,10 +13,10 @@ from training_setup import current_adapter, tiny_host
 from fedlr import stdlib_docs
 from fedlr.batches import Encoded
 from fedlr.client.training import LocalTrainer
-from fedlr.config import DPConfig, TrainConfig
+from fedlr.config import DPConfig, ModelSpec, TrainConfig
 from fedlr.data import PartitionScheme, load_data, partition
 from fedlr.errors import ConfigError, FedlrError
-from fedlr.models import LoraHost, ModelSpec, load_base_model, load_tokenizer, resolve_device
+from fedlr.models import LoraHost, load_base_model, load_tokenizer, resolve_device
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ from fedlr.audit import write_audit
 from fedlr.client.canaries import GradientCanaries
 from fedlr.client.empirical_audit import sample_level_audit
 from fedlr.client.training import LocalTrainer
+from fedlr.config import DataSpec
 from fedlr.errors import ConfigError
 from fedlr.privacy import PrivacyLedger
-from fedlr.session import DataSpec, data_session, data_source, model_session
+from fedlr.session import data_session, data_source, model_session
 from fedlr.simconfig import SimulationConfig
 
 AUDITED = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[8], local_steps=20,

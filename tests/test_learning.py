@@ -5,10 +5,10 @@ from __future__ import annotations
 from fedlr.adapters import load_into_peft_model
 from fedlr.batches import encode
 from fedlr.client.training import LocalTrainer
-from fedlr.config import TrainConfig
+from fedlr.config import ModelSpec, TrainConfig
 from fedlr.data import load_data, partition
 from fedlr.evaluation import evaluate
-from fedlr.models import LoraHost, ModelSpec, default_targets, load_base_model, load_tokenizer
+from fedlr.models import LoraHost, default_targets, load_base_model, load_tokenizer
 from fedlr.rounds import aggregate_round
 from fedlr.strategies import ClientUpdate, FederationSpec, make_strategy
 

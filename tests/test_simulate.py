@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,52 @@ def test_run_directory_follows_the_contract(runs, strategy):
         assert not privacy.exists()
 
 
+def test_flexlora_with_two_of_three_ranks_per_round_runs_to_the_end(tmp_path):
+    """Rounds whose clients hold less total rank than the largest client: the global adapter
+    keeps its rank, every client gets its own, and the run finishes."""
+    from fedlr.strategies import GlobalState
+
+    config = tiny_config(tmp_path / "run", "fedit", hetero="flexlora", ranks=[4, 8, 16],
+                         num_clients=3, clients_per_round=2, rounds=5, local_steps=2,
+                         save_client_updates=False)
+    simulate(config, client_app)
+    assert [r["round"] for r in RunDir(config.out).read_metrics()] == [1, 2, 3, 4, 5]
+    federation = Federation.build(config)
+    tensors, info = RunDir(config.out).load_checkpoint()
+    state = GlobalState.from_tensors(tensors, info["state"])
+    assert all(x.rank == 16 for x in state.lora.values())
+    for client, rank in federation.strategy.spec.ranks.items():
+        down = federation.strategy.downlink(state, client)
+        assert all(f.rank == rank for f in down.lora.values())
+
+
+def test_the_reported_accuracy_is_the_full_held_out_splits_within_sampling_error(runs):
+    """The held-out split of the built-in task is in label order; the evaluated subset is
+    stratified, so its accuracy estimates the whole split's, and run.json says what it covers."""
+    from dataclasses import replace
+
+    from fedlr.evaluation import evaluate
+    from fedlr.strategies import GlobalState
+
+    config = runs["fedit"]
+    recorded = json.loads((Path(config.out) / "run.json").read_text())["evaluation"]
+    federation = Federation.build(config)
+    labels = federation.data.data.label_names
+    assert recorded["labels"] == list(labels) and recorded["classes"] == len(labels) == 14
+    assert recorded["classes_evaluated"] == 14 and recorded["examples"] == 64
+    assert 0 < recorded["chance_accuracy"] < 0.2 and "accuracy" in recorded["round_0"]
+    full = Federation.build(replace(config, eval_examples=10_000))
+    n = recorded["heldout_examples"]
+    assert len(full.data.heldout) == n > 64
+    tensors, info = RunDir(config.out).load_checkpoint()
+    state = GlobalState.from_tensors(tensors, info["state"])
+    model = Coordinator(full, RunDir(config.out)).eval_model(state)
+    whole = evaluate(model, full.data.heldout, "classification")["accuracy"]
+    reported = RunDir(config.out).read_metrics()[-1]["eval_accuracy"]
+    stderr = math.sqrt(max(whole * (1 - whole), 0.01) / 64 * (1 - 64 / n))
+    assert abs(reported - whole) < 3 * stderr
+
+
 @pytest.mark.parametrize("strategy", EXACT)
 def test_each_round_of_an_exact_strategy_is_the_weighted_sum_of_its_client_updates(runs, strategy):
     run = Path(runs[strategy].out)
@@ -140,6 +187,73 @@ def test_the_exported_adapter_loads_with_peft_and_reproduces_the_final_eval(runs
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+PREDICT_TEXTS = ["open a socket and connect to the server", "parse a json document",
+                 "a thread pool runs tasks concurrently"]
+
+
+def server_predictions(config, texts) -> list[str]:
+    """What the run's own evaluation model predicts for `texts`, as label names."""
+    from fedlr.strategies import GlobalState
+
+    federation = Federation.build(config)
+    tensors, info = RunDir(config.out).load_checkpoint()
+    model = Coordinator(federation, RunDir(config.out)).eval_model(GlobalState.from_tensors(
+        tensors, info["state"]))
+    batch = federation.model.tokenizer(texts, padding=True, truncation=True,
+                                       max_length=config.max_length, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    names = federation.data.data.label_names
+    return [names[int(i)] for i in logits.argmax(-1)]
+
+
+def test_the_export_names_its_classes_and_fedlr_predict_prints_them(runs):
+    from transformers import AutoConfig
+
+    from fedlr.predict import classify, load_exported
+
+    config = runs["ffa"]
+    folder = Path(config.out) / "adapter"
+    labels = list(Federation.build(config).data.data.label_names)
+    saved = AutoConfig.from_pretrained(folder)
+    assert saved.num_labels == len(labels) == 14
+    assert [saved.id2label[i] for i in range(14)] == labels
+    assert saved.label2id == {name: i for i, name in enumerate(labels)}
+    expected = server_predictions(config, PREDICT_TEXTS)
+    ranked = classify(load_exported(folder), PREDICT_TEXTS)
+    assert [r[0][0] for r in ranked] == expected
+    assert all(sum(p for _, p in r) <= 1 + 1e-6 for r in ranked)
+    proc = fedlr("predict", str(folder), PREDICT_TEXTS[0], "--top", "2")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert expected[0] in out
+
+
+def test_an_adapter_loads_as_the_readme_shows_without_a_label_count(tmp_path):
+    """A base from a directory, loaded with the export's config: nothing guessed."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from fedlr.config import ModelSpec
+    from fedlr.models import load_base_model, load_tokenizer
+
+    spec = ModelSpec(name="tiny", num_labels=14)
+    tokenizer = load_tokenizer(spec)
+    load_base_model(spec, tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    config = tiny_config(tmp_path / "run", "fedit", model=str(tmp_path / "base"), rounds=1,
+                         clients_per_round=2, save_client_updates=False)
+    simulate(config, client_app)
+    adapter = Path(config.out) / "adapter"
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "base", config=AutoConfig.from_pretrained(adapter))
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    batch = tokenizer(PREDICT_TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        names = [model.config.id2label[int(i)] for i in model(**batch).logits.argmax(-1)]
+    assert names == server_predictions(config, PREDICT_TEXTS)
+
+
 def fedlr(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedlr.cli", *args], env=env,
@@ -152,19 +266,32 @@ RESUME_ARGS = ["simulate", "--model", "tiny", "--strategy", "fedit", "--num-clie
                "--seed", "5"]
 
 
+def checkpointed_round(run: Path) -> int:
+    checkpoint = run / "checkpoint" / "checkpoint.json"
+    return json.loads(checkpoint.read_text())["round"] if checkpoint.exists() else 0
+
+
+def wait_for(condition, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def sigkill_after_round_1(victim: subprocess.Popen, run: Path) -> None:
+    """SIGKILL a `fedlr simulate` process group, Ray workers included, once round 1 is
+    checkpointed."""
+    wait_for(lambda: checkpointed_round(run) >= 1 or victim.poll() is not None)
+    assert victim.poll() is None, victim.communicate()
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+
 def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = fedlr(*RESUME_ARGS, "--out", str(whole))
-    victim = fedlr(*RESUME_ARGS, "--out", str(killed))
-    checkpoint = killed / "checkpoint" / "checkpoint.json"
-    deadline = time.monotonic() + 300
-    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= 1):
-        assert victim.poll() is None, victim.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)  # the whole process group, Ray workers included
-    victim.wait()
-    assert json.loads(checkpoint.read_text())["round"] < 3
+    sigkill_after_round_1(fedlr(*RESUME_ARGS, "--out", str(killed)), killed)
+    assert checkpointed_round(killed) < 3
     _, err = done.communicate(timeout=600)
     assert done.returncode == 0, err
     resumed = fedlr(*RESUME_ARGS, "--out", str(killed), "--resume")
@@ -180,44 +307,133 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tmp_path):
     assert rounds == [1, 2, 3]
 
 
-def test_a_killed_dp_run_resumes_with_every_nodes_ledger_exact(tmp_path):
-    """Each step a node ran is counted once: what it had recorded when the run was killed (maybe
-    a round the server never checkpointed) plus one round per round left after the checkpoint;
-    the server's privacy.json reports each node's own ledger."""
+def test_a_dp_run_killed_before_its_checkpoint_counts_every_step_once(runs, tmp_path):
+    """A node saves its ledger before it replies, so a kill leaves the nodes ahead of the
+    server's checkpoint. Here the whole 2-round DP run, its checkpoint gone: resuming trains both
+    rounds again (the same clients: sampling is seeded), and every node's ledger ends with its
+    earlier rounds and the new ones, each counted once, as privacy.json reports."""
     from fedlr.node_privacy import NodeState
 
-    out, args = tmp_path / "killed", [*RESUME_ARGS, "--noise-multiplier", "1.0"]
-    victim = fedlr(*args, "--out", str(out))
-    checkpoint = out / "checkpoint" / "checkpoint.json"
-    deadline = time.monotonic() + 300
-    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= 1):
-        assert victim.poll() is None, victim.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    done_rounds = json.loads(checkpoint.read_text())["round"]
-    at_kill = {c: NodeState(out / "nodes" / c).load() for c in ("0", "1", "2")}
-    resumed = fedlr(*args, "--out", str(out), "--resume")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    privacy = json.loads((out / "privacy.json").read_text())
-    for client, before in at_kill.items():
-        final = NodeState(out / "nodes" / client).load()
-        assert final.extends(before)
-        assert final.rounds == before.rounds + 3 - done_rounds
-        assert final.steps == 2 * final.rounds
+    run = tmp_path / "run"
+    shutil.copytree(runs["ffa"].out, run)
+    shutil.rmtree(run / "checkpoint")
+    before = {p.name: NodeState(p).load() for p in (run / "nodes").iterdir()}
+    assert before and all(b.rounds >= 1 for b in before.values())
+    simulate(tiny_config(run, "ffa", noise_multiplier=0.8), client_app, resume=True)
+    privacy = json.loads((run / "privacy.json").read_text())
+    for client, earlier in before.items():
+        final = NodeState(run / "nodes" / client).load()
+        assert final.extends(earlier) and final.rounds == 2 * earlier.rounds
+        assert final.steps == 3 * final.rounds  # local_steps 3 in every round, none lost
         assert privacy["clients"][client]["history"] == [list(x) for x in final.history]
         assert privacy["clients"][client]["sampling"] == "poisson"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("whole") / "run", "fedit",
+                         save_client_updates=False)
+    simulate(config, client_app)
+    return Path(config.out)
+
+
+def keep_only(run: Path, kept: list[str], metrics_lines: int = 0) -> None:
+    """The run directory as a kill left it: every write is atomic, so a kill leaves a prefix of
+    the run's writes (run.json; per round: the global adapter, metrics, checkpoint; adapter/)."""
+    for path in sorted(run.rglob("*"), reverse=True):
+        relative = str(path.relative_to(run))
+        if path.is_file() and relative not in kept:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if metrics_lines:
+        lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)[:metrics_lines]
+        (run / "metrics.jsonl").write_text("".join(lines))
+
+
+KILL_POINTS = {
+    "before anything was written": ([], 0),
+    "after round 1's adapter file": (["run.json", "rounds/0001/global.safetensors"], 0),
+    "after round 1's metrics": (["run.json", "rounds/0001/global.safetensors",
+                                 "metrics.jsonl"], 1),
+    "after the last checkpoint": (None, 0),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_run_killed_at_any_write_resumes_to_the_uninterrupted_adapter(uninterrupted,
+                                                                       tmp_path, point):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    kept, lines = KILL_POINTS[point]
+    if kept is None:  # everything but the export, written after the last round
+        shutil.rmtree(run / "adapter")
+    else:
+        keep_only(run, kept, lines)
+    config = tiny_config(run, "fedit", save_client_updates=False)
+    simulate(config, client_app, resume=True)
+    a = load_file(str(uninterrupted / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
+    assert [r["round"] for r in RunDir(run).read_metrics()] == [1, 2]
+
+
+def flower_and_ray_processes() -> set[int]:
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if any(k in line for k in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+            found.add(proc.pid)
+    return found
+
+
+def test_ctrl_c_stops_the_run_within_seconds_and_resume_finishes_it(tmp_path):
+    """SIGINT before round 1, during a round and between rounds: each time the process ends
+    within 15 s with exit code 130, one line and no traceback, and no Flower or Ray process is
+    left; --resume then continues."""
+    out = tmp_path / "run"
+    args = ["simulate", "--model", "tiny", "--strategy", "fedit", "--num-clients", "3",
+            "--ranks", "2,4", "--rounds", "5", "--local-steps", "10", "--out", str(out)]
+    # a point in this process's life: run.json written, or one more round checkpointed (then,
+    # for "during a round", a second into the next)
+    points = [("before round 1", None, 0.0), ("during a round", 1, 1.0), ("between rounds", 1, 0.0)]
+    before = flower_and_ray_processes()
+    for i, (point, rounds_more, delay) in enumerate(points):
+        start = checkpointed_round(out)
+        proc = fedlr(*args, *(["--resume"] if i else []))
+
+        def ready(start=start, rounds_more=rounds_more) -> bool:
+            if rounds_more is None:
+                return (out / "run.json").exists()
+            return checkpointed_round(out) >= start + rounds_more
+
+        wait_for(lambda: ready() or proc.poll() is not None)  # noqa: B023
+        time.sleep(delay)
+        assert proc.poll() is None, f"{point}: the run ended before the signal"
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - sent < 15, point
+        assert proc.returncode == 130, (point, err)
+        assert "Traceback" not in err and f"--out {out} --resume" in err, (point, err)
+        wait_for(lambda: not flower_and_ray_processes() - before, 10)
+    done = fedlr(*args, "--resume")
+    _, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err
+    assert [r["round"] for r in RunDir(out).read_metrics()] == [1, 2, 3, 4, 5]
 
 
 BAD = [
     (["--strategy", "fedprox"], "unknown strategy"),
     (["--rank", "0"], "ranks must be positive"),
-    (["--num-clients", "3", "--clients-per-round", "5"], "clients_per_round 5"),
+    (["--num-clients", "3", "--clients-per-round", "5"], "--clients-per-round 5"),
     (["--dataset", "./no/such/data.jsonl"], "dataset path not found"),
     (["--model", "./no/such/model"], "model path not found"),
-    (["--noise-multiplier", "-1"], "noise_multiplier"),
+    (["--noise-multiplier", "-1"], "--noise-multiplier"),
 ]
 
 

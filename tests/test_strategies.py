@@ -1,4 +1,5 @@
-"""Properties of the five strategies on random federations with mixed ranks (float64)."""
+"""Properties of the five strategies on random federations with mixed ranks (float64), with
+partial participation: after the first round only a random subset of clients reports."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from hypothesis import strategies as st
 
 from fedlr.errors import ConfigError
 from fedlr.lowrank import LowRank
+from fedlr.rounds import aggregate_round
 from fedlr.strategies import STRATEGIES, FederationSpec, GlobalState, ModuleShape, make_strategy
+from fedlr.strategies.base import HETERO_METHODS
+from fedlr.validation import ValidationPolicy
 
 seeds = st.integers(0, 2**31 - 1)
 rank_lists = st.lists(st.sampled_from(MIXED_RANKS), min_size=2, max_size=6)
-hetero = st.sampled_from(["hetlora", "flexlora"])
+hetero = st.sampled_from(list(HETERO_METHODS))
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
@@ -25,8 +29,12 @@ def run_rounds(name: str, seed: int, ranks: list[int], rounds: int = 2, **option
     spec = random_spec(gen, ranks, rslora=bool(seed % 2))
     strategy = make_strategy(name, spec, seed=seed, **options)
     state = strategy.init_state()
-    for _ in range(rounds):
+    for round_ in range(rounds):
         updates = client_updates(strategy, state, gen)
+        if round_ > 0:  # partial participation: a random non-empty subset reports
+            keep = torch.rand(len(updates), generator=gen) < 0.5
+            keep[int(torch.randint(len(updates), (1,), generator=gen))] = True
+            updates = [u for u, k in zip(updates, keep.tolist(), strict=True) if k]
         previous = state
         state, report = strategy.aggregate(state, updates)
     return strategy, previous, state, updates, report
@@ -83,8 +91,9 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 @SETTINGS
 @given(seed=seeds, ranks=rank_lists, method=hetero)
 def test_fair_cosine_never_below_fedit(seed, ranks, method):
+    """FAIR corrects FedIT's example-weighted average: never less aligned than that."""
     _, _, fair_state, updates, _ = run_rounds("fair", seed, ranks, rounds=1, hetero=method)
-    _, _, fedit_state, _, _ = run_rounds("fedit", seed, ranks, rounds=1)
+    _, _, fedit_state, _, _ = run_rounds("fedit", seed, ranks, rounds=1, hetero="hetlora-fedavg")
     for name, ref in dense_ideal(updates).items():
         fair_cos = cosine(fair_state.lora[name].dense(), ref)
         fedit_cos = cosine(fedit_state.lora[name].dense(), ref)
@@ -97,7 +106,8 @@ def test_fair_frobenius_residual_never_above_fedit(seed, ranks, lam):
     _, _, fair_state, updates, report = run_rounds(
         "fair", seed, ranks, rounds=1, objective="frobenius", lam=lam
     )
-    _, _, fedit_state, _, fedit_report = run_rounds("fedit", seed, ranks, rounds=1)
+    _, _, fedit_state, _, fedit_report = run_rounds("fedit", seed, ranks, rounds=1,
+                                                    hetero="hetlora-fedavg")
     for name, ref in dense_ideal(updates).items():
         assert (
             relative_error(fair_state.lora[name].dense(), ref)
@@ -122,17 +132,41 @@ def test_fedit_reported_residual_matches_dense(seed, ranks):
         assert math.isclose(report.residual_per_module[name], expected, rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["hetlora-fedavg", "hetlora"])
 @SETTINGS
 @given(seed=seeds, ranks=rank_lists)
-def test_fedit_equal_ranks_is_fedavg_of_factors(seed, ranks):
+def test_fedit_equal_ranks_is_fedavg_of_factors(seed, ranks, method):
+    """With one rank there is nothing heterogeneous: FedAvg of A and B, example-weighted."""
     ranks = [ranks[0]] * len(ranks)
-    _, _, state, updates, _ = run_rounds("fedit", seed, ranks, rounds=1)
+    _, _, state, updates, _ = run_rounds("fedit", seed, ranks, rounds=1, hetero=method)
     total = sum(u.num_examples for u in updates)
     for name, g in state.lora.items():
         a = sum(u.num_examples / total * u.adapter.lora[name].A for u in updates)
         b = sum(u.num_examples / total * u.adapter.lora[name].B for u in updates)
         s = updates[0].adapter.lora[name].scaling
         assert torch.allclose(g.A, a, atol=1e-12) and torch.allclose(g.B, s * b, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["hetlora-fedavg", "hetlora"])
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists)
+def test_fedit_mixed_ranks_weights_clients_as_its_method_says(seed, ranks, method):
+    """The components every client holds: sum_k p_k of the factors, p_k = n_k / sum n
+    (hetlora-fedavg) or ||s_k B_k A_k||_F / sum (hetlora, the paper's weighting)."""
+    ranks = [*ranks, 16 if min(ranks) < 16 else 2]
+    _, _, state, updates, _ = run_rounds("fedit", seed, ranks, rounds=1, hetero=method)
+    shared = min(ranks)
+    for name, g in state.lora.items():
+        if method == "hetlora":
+            raw = [float(torch.linalg.matrix_norm(u.adapter.lora[name].delta())) for u in updates]
+        else:
+            raw = [float(u.num_examples) for u in updates]
+        p = [w / sum(raw) for w in raw]
+        a = sum(w * u.adapter.lora[name].A[:shared] for w, u in zip(p, updates, strict=True))
+        b = sum(w * u.adapter.lora[name].scaling * u.adapter.lora[name].B[:, :shared]
+                for w, u in zip(p, updates, strict=True))
+        assert torch.allclose(g.A[:shared], a, atol=1e-12)
+        assert torch.allclose(g.B[:, :shared], b, atol=1e-12)
 
 
 @SETTINGS
@@ -322,3 +356,127 @@ def test_flora_compression_is_the_best_rank_r_export_with_its_energy(seed, ranks
         assert math.isclose(
             error, float(torch.sqrt((s[target:] ** 2).sum())), rel_tol=1e-6, abs_tol=1e-9
         )
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, method=hetero, name=st.sampled_from(sorted(STRATEGIES)))
+def test_a_round_where_only_the_smallest_ranks_report_keeps_every_clients_rank(seed, ranks,
+                                                                               method, name):
+    """Round 1: everyone; round 2: only the clients of the smallest rank; round 3: everyone
+    again. The state keeps the federation's rank, every client's downlink its own rank, and
+    FedIT/FAIR keep the components no participant held."""
+    ranks = [*ranks, min(ranks) + 1 if min(ranks) < 16 else 2]  # at least two distinct ranks
+    gen = torch.Generator().manual_seed(seed)
+    spec = random_spec(gen, ranks)
+    strategy = make_strategy(name, spec, hetero=method)
+    state = strategy.init_state()
+    small = min(ranks)
+    for round_ in range(3):
+        updates = client_updates(strategy, state, gen)
+        if round_ == 1:
+            updates = [u for u in updates if spec.ranks[u.client_id] == small]
+        before = state
+        state, _ = strategy.aggregate(state, updates)
+        for module, g in state.lora.items():
+            assert g.rank == spec.max_rank and bool(torch.isfinite(g.dense()).all())
+            if round_ == 1 and name in ("fedit", "fair") and method != "flexlora":
+                tail = slice(small, None)
+                assert torch.equal(g.A[tail], before.lora[module].A[tail])
+                if name == "fedit":
+                    assert torch.equal(g.B[:, tail], before.lora[module].B[:, tail])
+        for cid, rank in spec.ranks.items():
+            down = strategy.downlink(state, cid)
+            assert all(f.rank == rank for f in down.lora.values())
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_round_without_valid_updates_carries_the_state_over(name):
+    gen = torch.Generator().manual_seed(4)
+    strategy = make_strategy(name, random_spec(gen, [2, 4], extras=True))
+    state = strategy.init_state({"classifier.weight": torch.ones(3, 8, dtype=torch.float64)})
+    state, _ = strategy.aggregate(state, client_updates(strategy, state, gen))
+    result = aggregate_round(strategy, state, [], policy=ValidationPolicy(min_valid_updates=0))
+    assert result.state.round == state.round + 1 and result.accepted == []
+    assert math.isnan(result.report.residual)
+    for cid in strategy.spec.ranks:
+        before = strategy.downlink(state, cid).delta_weights()
+        after = strategy.downlink(result.state, cid).delta_weights()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[m], after[m]) for m in before)
+    nxt, _ = strategy.aggregate(result.state, client_updates(strategy, result.state, gen))
+    assert nxt.round == state.round + 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, rank=st.integers(1, 6), dims=st.tuples(st.integers(6, 20),
+                                                         st.integers(6, 20)))
+def test_svd_sign_rule_holds_on_the_final_factors_whatever_the_factorisation(seed, rank, dims):
+    """The largest |entry| of each right singular vector is positive, so B A gives one SVD
+    however it was factored (B M)(M^-1 A)."""
+    from fedlr.lowrank import svd
+
+    gen = torch.Generator().manual_seed(seed)
+    d_out, d_in = dims
+    B = torch.randn(d_out, rank, generator=gen, dtype=torch.float64)
+    A = torch.randn(rank, d_in, generator=gen, dtype=torch.float64)
+    M = torch.randn(rank, rank, generator=gen, dtype=torch.float64) + 3 * torch.eye(
+        rank, dtype=torch.float64)
+    first, second = svd(LowRank(B, A)), svd(LowRank(B @ M, torch.linalg.solve(M, A)))
+    for f in (first, second):
+        pivots = f.Vh.gather(1, f.Vh.abs().argmax(dim=1, keepdim=True))
+        assert bool((pivots > 0).all())
+    assert torch.allclose(first.Vh, second.Vh, atol=1e-8)
+    assert torch.allclose(first.U, second.U, atol=1e-8)
+
+
+def test_top_pads_a_low_rank_product_to_the_requested_rank():
+    """A stack of rank 2 asked for rank 5: the same product, five components, orthonormal A."""
+    from fedlr.lowrank import svd
+
+    gen = torch.Generator().manual_seed(5)
+    x = LowRank(torch.randn(12, 2, generator=gen, dtype=torch.float64),
+                torch.randn(2, 9, generator=gen, dtype=torch.float64))
+    top = svd(x).top(5)
+    assert top.rank == 5
+    assert torch.allclose(top.dense(), x.dense(), atol=1e-12)
+    assert torch.allclose(top.A @ top.A.T, torch.eye(5, dtype=torch.float64), atol=1e-12)
+    assert svd(x).top(12).A.shape == (12, 9)  # past d_in the extra rows are zero
+
+
+def test_a_flora_export_never_has_a_rank_above_the_module_dimension():
+    """Stacking many clients grows the rank past min(d_out, d_in); the export re-factors such a
+    module exactly at that rank (no exact LoRA needs more)."""
+    from fedlr.server.export import final_adapter
+
+    gen = torch.Generator().manual_seed(6)
+    spec = FederationSpec({"small": ModuleShape(10, 12), "wide": ModuleShape(40, 48)},
+                          {f"c{k}": 4 for k in range(5)}, dtype=torch.float64)
+    strategy = make_strategy("flora", spec)
+    state = strategy.init_state()
+    for _ in range(2):  # stacked rank 40 per module
+        state, _ = strategy.aggregate(state, client_updates(strategy, state, gen))
+    adapter, info = final_adapter(strategy, state, None)
+    exact = strategy.cumulative(state)
+    assert adapter.lora["small"].rank == 10 and adapter.lora["wide"].rank == 40
+    assert info["refactored_exactly"] == ["small"]
+    for name, f in adapter.lora.items():
+        assert relative_error(f.delta(), exact[name].dense()) < 1e-10
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_residual_is_called_exact_only_where_it_is_zero_by_construction(name):
+    """FLoRA's round update is the stacked sum itself, FFA-LoRA's average B over the shared A
+    is dW* itself: their reports say exact instead of showing a measured-looking zero."""
+    from rich.console import Console
+
+    from fedlr.server.report import summary_table
+
+    _, _, _, _, report = run_rounds(name, 3, [2, 4, 8])
+    exact = bool(report.details.get("exact"))
+    assert exact == (name in ("flora", "ffa"))
+    record = {"round": 1, "num_accepted": 3, "num_clients": 3, "train_loss": 1.0,
+              "eval_loss": 1.0, "eval_accuracy": 0.5, "aggregation_residual": report.residual,
+              "aggregation_exact": exact, "bytes_up": 1, "bytes_down": 1, "seconds": 1.0}
+    console = Console(width=120, record=True)
+    console.print(summary_table([record], "t"))
+    assert ("exact" in console.export_text()) == exact

@@ -6,7 +6,8 @@ import torch
 
 from fedlr.adapters import from_peft_model
 from fedlr.batches import Encoded, encode
-from fedlr.models import LoraHost, ModelSpec, default_targets, load_base_model, load_tokenizer
+from fedlr.config import ModelSpec
+from fedlr.models import LoraHost, default_targets, load_base_model, load_tokenizer
 
 TEXTS = [
     "open a socket and connect to the server",

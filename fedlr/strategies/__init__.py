@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedlr.config import STRATEGY_NAMES
 from fedlr.errors import ConfigError
 from fedlr.strategies.base import (
     AggregationReport,
@@ -25,6 +26,8 @@ from fedlr.strategies.flora import FLoRA
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (FedIT, FLoRA, FFALoRA, FedSVD, LoRAFAIR)
 }
+if tuple(STRATEGIES) != STRATEGY_NAMES:  # the settings check names without importing torch
+    raise ImportError(f"fedlr.config.STRATEGY_NAMES {STRATEGY_NAMES} must list {tuple(STRATEGIES)}")
 
 
 def make_strategy(name: str, spec: FederationSpec, **options: Any) -> Strategy:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fedlr.adapters import Adapter, LoraFactors
+from fedlr.config import HEAD_MODES, HETERO_METHODS
 from fedlr.errors import ConfigError
 from fedlr.lowrank import (
     LowRank,
@@ -28,9 +29,6 @@ from fedlr.lowrank import (
     frobenius_norm,
     kaiming_uniform_a,
 )
-
-HETERO_METHODS = ("hetlora", "flexlora")
-HEAD_MODES = ("train", "freeze")
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,10 @@ class FederationSpec:
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values())
+
+    @property
+    def mixed_ranks(self) -> bool:
+        return len(set(self.ranks.values())) > 1
 
     def scaling(self, rank: int) -> float:
         """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
@@ -165,8 +167,9 @@ class IdealUpdate:
     and only where that is cheaper than the QR route on the stacked factors (many clients).
     """
 
-    def __init__(self, stacked: LowRank) -> None:
+    def __init__(self, stacked: LowRank, shared: bool = False) -> None:
         self.stacked = stacked
+        self.shared = shared  # dW* is the aggregate itself: a zero distance by construction
         d_out, d_in = stacked.shape
         self._dense = stacked.dense() if dense_is_cheaper(d_out, d_in, stacked.rank) else None
         self.norm = (
@@ -193,7 +196,7 @@ class IdealUpdate:
         `shared` = (sum_k p_k pad(B_k), A): then sum_k p_k B_k A[:r_k] = shared exactly, without
         stacking. Falls back to stacking if any client's A is not those rows."""
         if all(torch.equal(e[name].A, shared.A[: e[name].rank]) for e in effective):
-            return cls(shared)
+            return cls(shared, shared=True)
         return cls.of(effective, weights, name)
 
     def distance(self, x: LowRank) -> float:
@@ -211,12 +214,34 @@ def weighted_padded_b(factors: Sequence[LowRank], weights: Sequence[float], rank
     return B
 
 
-def weighted_padded_sum(factors: Sequence[LowRank], weights: Sequence[float], rank: int) -> LowRank:
-    """sum_k p_k pad(B_k), sum_k p_k pad(A_k) at `rank`: HetLoRA padding (FedAvg if equal)."""
-    A = factors[0].A.new_zeros(rank, factors[0].A.shape[1])
+def norm_weights(factors: Sequence[LowRank], fallback: Sequence[float]) -> list[float]:
+    """HetLoRA's sparsity-weighted aggregation (Cho et al. 2024): p_k proportional to
+    ||B_k A_k||_F, so a client whose update is small (pruned, or barely trained) counts less;
+    `fallback` when every update is zero."""
+    norms = [frobenius_norm(x) for x in factors]
+    total = sum(norms)
+    return [n / total for n in norms] if total > 0 else list(fallback)
+
+
+def hetlora_average(previous: LowRank, factors: Sequence[LowRank], weights: Sequence[float]
+                    ) -> LowRank:
+    """FedIT's average of A and B at `previous`'s rank, one rank component at a time: component
+    j is the weighted mean over the clients that hold it (rank > j), weights renormalised among
+    them; a component none of them holds keeps `previous`'s value. With equal ranks this is
+    sum_k p_k A_k, sum_k p_k B_k. (Plain zero padding would shrink the tail by the share of
+    clients that hold it, and zero it, for good, in a round where only smaller ranks report.)"""
+    rank = previous.rank
+    A, B = torch.zeros_like(previous.A), torch.zeros_like(previous.B)
+    held = torch.zeros(rank, dtype=previous.A.dtype, device=previous.A.device)
     for x, p in zip(factors, weights, strict=True):
         A[: x.rank].add_(x.A, alpha=p)
-    return LowRank(weighted_padded_b(factors, weights, rank), A)
+        B[:, : x.rank].add_(x.B, alpha=p)
+        held[: x.rank] += p
+    kept = held == 0
+    share = torch.where(kept, torch.ones_like(held), held)
+    A, B = A / share[:, None], B / share
+    A[kept], B[:, kept] = previous.A[kept], previous.B[:, kept]
+    return LowRank(B, A)
 
 
 def residual_summary(
@@ -271,6 +296,11 @@ class Strategy(ABC):
     def describe(self) -> dict[str, Any]:
         """Settings a run records so its aggregation can be reproduced."""
         return {"strategy": self.name, "hetero": self.hetero, "head": self.head, "seed": self.seed}
+
+    def carry_over(self, state: GlobalState) -> GlobalState:
+        """A round in which no valid update arrived: the same adapter, one round later."""
+        return GlobalState(round=state.round + 1, lora=dict(state.lora),
+                           extras=dict(state.extras), history=list(state.history))
 
     # -- downlink ------------------------------------------------------------------------------
 

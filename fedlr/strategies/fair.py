@@ -35,8 +35,8 @@ from fedlr.strategies.base import (
     IdealUpdate,
     Strategy,
     client_weights,
+    hetlora_average,
     residual_summary,
-    weighted_padded_sum,
 )
 
 OBJECTIVES = ("cosine", "frobenius")
@@ -143,7 +143,7 @@ class LoRAFAIR(Strategy):
         new_lora, terms, fedit_terms, cos_fedit, cos_fair, steps = {}, {}, {}, {}, {}, 0
         for name in self.spec.modules:
             ideal = IdealUpdate.of(effective, weights, name)
-            avg = weighted_padded_sum([e[name] for e in effective], weights, rank)
+            avg = hetlora_average(state.lora[name], [e[name] for e in effective], weights)
             cross = ideal.stacked.B @ (ideal.stacked.A @ avg.A.T)  # dW* A_bar^T, d_out x R
             problem = CorrectionProblem(avg.B, avg.A @ avg.A.T, cross, ideal.norm, lam)
             degenerate = ideal.norm == 0 or float(((avg.B @ problem.gram) * avg.B).sum()) == 0

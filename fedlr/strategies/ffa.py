@@ -47,15 +47,16 @@ class FFALoRA(Strategy):
     ) -> tuple[GlobalState, AggregationReport]:
         weights = client_weights(updates)
         effective = [u.effective() for u in updates]
-        new_lora, terms = {}, {}
+        new_lora, terms, exact = {}, {}, True
         for name, current in state.lora.items():
             b_bar = weighted_padded_b([e[name] for e in effective], weights, current.rank)
             new_lora[name] = LowRank(b_bar, current.A)
             ideal = IdealUpdate.over_shared_a(effective, weights, name, new_lora[name])
             terms[name] = (ideal.distance(new_lora[name]), ideal.norm)
+            exact &= ideal.shared
         new_state = GlobalState(
             round=state.round + 1,
             lora=new_lora,
             extras=self.aggregate_extras(state, updates, weights),
         )
-        return new_state, self.report(new_state.round, updates, weights, terms)
+        return new_state, self.report(new_state.round, updates, weights, terms, exact=exact)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from fedlr.adapters import Adapter, BaseDelta
 from fedlr.lowrank import LowRank, concat, svd
 from fedlr.strategies.base import (
@@ -38,6 +40,14 @@ class FLoRA(Strategy):
 
     def describe(self) -> dict:
         return {**super().describe(), "hetero": "native (stacking)"}
+
+    def carry_over(self, state: GlobalState) -> GlobalState:
+        """A round without updates merges nothing: an empty (rank-0) update in the history."""
+        empty = {name: LowRank(torch.zeros(shape.d_out, 0, dtype=self.spec.dtype),
+                               torch.zeros(0, shape.d_in, dtype=self.spec.dtype))
+                 for name, shape in self.spec.modules.items()}
+        return GlobalState(round=state.round + 1, extras=dict(state.extras),
+                           history=[*state.history, empty])
 
     def cumulative(self, state: GlobalState, since_round: int = 0) -> dict[str, LowRank]:
         """The exact sum of the stacked updates of rounds since_round+1 .. state.round."""
@@ -92,5 +102,6 @@ class FLoRA(Strategy):
             updates,
             weights,
             terms,
+            exact=True,
             stacked_rank_max=max(x.rank for x in stacked.values()),
         )
