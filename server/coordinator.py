@@ -240,7 +240,10 @@ class Coordinator:
                              result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
         record["aggregation_exact"] = bool(result.report.details.get("exact"))
-        client_level = self.client_level(round_, accepted)
+        if self.fed.config.publish_client_ids:  # who joined is public: accounted per client
+            for client in accepted:
+                self.client_rounds[client] = self.client_rounds.get(client, 0) + 1
+        client_level = self.client_level(round_)
         if client_level:
             record["client_epsilon"] = client_level["epsilon"]
         self.run.append_metrics(record)
@@ -340,7 +343,7 @@ class Coordinator:
         return {c: history_epsilon(tuple(led.history), dp.delta, led.accountant)
                 for c, led in self.ledgers.items()}
 
-    def client_level(self, round_: int, accepted: list[str]) -> dict[str, Any]:
+    def client_level(self, round_: int) -> dict[str, Any]:
         """Client-level DP after `round_` released rounds: the facts and the epsilon. With
         published client ids, each client's own unamplified epsilon over the rounds it joined."""
         config, dp = self.fed.config, self.fed.config.client_dp_config()
@@ -359,8 +362,6 @@ class Coordinator:
         if not config.publish_client_ids:
             epsilon = client_level_epsilon(dp, num_clients=n, per_round=m, rounds=round_)
             return {**facts, "epsilon": epsilon}
-        for client in accepted:
-            self.client_rounds[client] = self.client_rounds.get(client, 0) + 1
         clients = {c: {"rounds": k, "epsilon": published_sample_epsilon(dp, k)}
                    for c, k in sorted(self.client_rounds.items(), key=lambda kv: int(kv[0]))}
         return {
