@@ -78,7 +78,7 @@ def run_simulation(args: argparse.Namespace, out: Path) -> dict:
 def plain_loop(args: argparse.Namespace) -> dict:
     """The same clients' local training, one after another in this process, no Flower."""
     from fedlr.client.training import LocalTrainer
-    from fedlr.server.coordinator import Federation
+    from fedlr.federation import Federation
     from fedlr.simconfig import SimulationConfig
 
     config = SimulationConfig.load(None, settings(args))

@@ -20,10 +20,9 @@ from fedlr.audit_bounds import best_one_run_bound, canary_report
 from fedlr.client.canaries import GradientCanaries
 from fedlr.client.training import LocalTrainer
 from fedlr.errors import ConfigError
+from fedlr.federation import Federation
 from fedlr.privacy import PrivacyLedger
-from fedlr.session import data_session, data_source, model_session
 from fedlr.simconfig import SimulationConfig
-from fedlr.strategies import STRATEGIES
 
 THREAT_MODEL = ("white-box: the auditor chooses each canary's gradient (C at one coordinate of "
                 "the trainable LoRA/head tensors), knows every real example, and sees the "
@@ -49,13 +48,9 @@ def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int | N
         dp = replace(dp, noise_multiplier=noise_multiplier, target_epsilon=None)
     steps = config.rounds * config.local_steps
 
-    labels = data_source(config.dataset, config.task).num_labels
-    spec = config.model_spec(labels)
-    host = model_session(spec, config.alpha, "cpu").host
-    data = data_session(config.data_spec(), spec)
-    strategy = STRATEGIES[config.strategy]
-    head = (config.head or strategy.default_head) == "train" and bool(host.head_shapes)
-    rank = config.client_ranks()["0"]
+    fed = Federation.build(config, device="cpu")
+    host, data, strategy = fed.model.host, fed.data, fed.strategy
+    rank = strategy.spec.ranks["0"]
     start = Adapter(lora=host.fresh_lora(rank, config.seed), extras=dict(host.initial_head))
     shard = data.shard(0)
     n = len(shard)
@@ -67,8 +62,8 @@ def sample_level_audit(config: SimulationConfig, canaries: int, *, seed: int | N
     # a test's seed: batches seed, noise seed + 1 (the trainer's), canary inclusion seed + 2
     planted = GradientCanaries(canaries, dp.max_grad_norm, None if seed is None else seed + 2)
     result = LocalTrainer(host, train).train(
-        "0", start, shard, rank=rank, train_a=strategy.trains_a, train_head=head, ledger=ledger,
-        canaries=planted, dp_seed=seed)
+        "0", start, shard, rank=rank, train_a=strategy.trains_a, train_head=strategy.trains_head,
+        ledger=ledger, canaries=planted, dp_seed=seed)
     bound = best_one_run_bound(planted.scores.tolist(), planted.included.tolist(), dp.delta,
                                significance)
     sigma, q, _ = ledger.history[0]

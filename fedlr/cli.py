@@ -84,7 +84,8 @@ def demo(
 ) -> None:
     """Compare the five aggregation strategies on a synthetic federation shaped like the default
     model (all-MiniLM-L6-v2), with mixed ranks, partial participation and one corrupted upload."""
-    from fedlr.config import HETERO_METHODS, STRATEGY_NAMES
+    from fedlr.config import HETERO_METHODS
+    from fedlr.strategies.traits import STRATEGY_NAMES
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = sorted(set(names) - set(STRATEGY_NAMES))

@@ -42,11 +42,11 @@ import torch
 from dp_accounting import pld, rdp
 from torch import Tensor
 
-from fedlr.adapters import Adapter
-from fedlr.config import ClientDPConfig, check_composes
+from fedlr.adapters import Adapter, LoraFactors
+from fedlr.config import ClientDPConfig
 from fedlr.errors import ConfigError
-from fedlr.lowrank import LowRank, svd
-from fedlr.strategies.base import ClientUpdate, GlobalState, Strategy
+from fedlr.lowrank import LowRank
+from fedlr.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
 
 PRIVACY_UNIT = "one client's whole contribution: all its examples in all rounds"
 
@@ -65,10 +65,6 @@ class ClientDPReport:
 # -- the release space ------------------------------------------------------------------------
 
 
-def _trains_head(strategy: Strategy, state: GlobalState) -> bool:
-    return strategy.head == "train" and bool(state.extras)
-
-
 def released(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
     """The state's tensors a private round changes, keyed as `client_delta` keys the deltas: B
     (and A when trained) of every module, the head when trained. Fixed by the state, never by
@@ -79,7 +75,7 @@ def released(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
         tensors[f"lora_B::{name}"] = g.B
         if strategy.trains_a:
             tensors[f"lora_A::{name}"] = g.A
-    if _trains_head(strategy, state):
+    if strategy.trains_head:
         for name in sorted(state.extras):
             tensors[f"extra::{name}"] = state.extras[name]
     return tensors
@@ -105,7 +101,7 @@ def client_delta(
         delta[f"lora_B::{name}"] = b_new - b_old
         if strategy.trains_a:
             delta[f"lora_A::{name}"] = a_new - a_old
-    if _trains_head(strategy, state):
+    if strategy.trains_head:
         for name in sorted(state.extras):
             delta[f"extra::{name}"] = update.adapter.extras[name] - state.extras[name]
     return delta
@@ -151,11 +147,9 @@ def _apply(strategy: Strategy, state: GlobalState, mean: Mapping[str, Tensor]) -
     for name, g in state.lora.items():
         B = g.B + mean[f"lora_B::{name}"]
         A = g.A + mean[f"lora_A::{name}"] if strategy.trains_a else g.A
-        lora[name] = LowRank(B, A)
-        if strategy.name == "fedsvd":
-            lora[name] = svd(lora[name]).top(g.rank)
+        lora[name] = strategy.after_noise(LowRank(B, A))
     extras = dict(state.extras)
-    if _trains_head(strategy, state):
+    if strategy.trains_head:
         extras = {name: t + mean[f"extra::{name}"] for name, t in state.extras.items()}
     return GlobalState(round=state.round + 1, lora=lora, extras=extras)
 
@@ -164,7 +158,6 @@ def dp_fedavg(
     strategy: Strategy,
     state: GlobalState,
     updates: Sequence[ClientUpdate],
-    sent: Mapping[str, Adapter] | None,
     config: ClientDPConfig,
     expected_clients: float,
     generator: torch.Generator,
@@ -173,24 +166,18 @@ def dp_fedavg(
     divide by the fixed `expected_clients` (q N for Poisson sampling, the sample size for
     fixed-size sampling), so that dropped clients lower the signal but never the privacy.
 
-    `updates` must have passed validation; `sent` maps clients to the downlink they started from
+    `updates` must have passed validation; each one's `start` is the adapter it trained from
     (recomputed from `state` when absent). Example counts are ignored: they are private. Zero
     updates release pure noise. Inputs are never modified.
     """
-    check_composes(strategy.name, strategy.hetero)
-    config.validate()
-    if not (math.isfinite(expected_clients) and expected_clients > 0):
-        raise ConfigError(
-            f"expected clients per round must be a number > 0, got {expected_clients!r}; "
-            "pass q * N for Poisson sampling or the sample size for fixed-size sampling"
-        )
+    _check_wrappable(strategy, config, expected_clients)
     total = {key: torch.zeros_like(t) for key, t in released(strategy, state).items()}
     pre, post = {}, {}
     for update in updates:
         cid = update.client_id
         if cid in pre:
             raise ValueError(f"client {cid}: two updates in one round break the per-client bound")
-        start = (sent or {}).get(cid) or strategy.starting_adapter(state, cid)
+        start = update.start or strategy.starting_adapter(state, cid)
         clipped, pre[cid], post[cid] = clip(
             client_delta(strategy, state, update, start), config.clip_norm, cid
         )
@@ -208,6 +195,77 @@ def dp_fedavg(
         denominator=float(expected_clients),
     )
     return _apply(strategy, state, mean), report
+
+
+def _check_wrappable(strategy: Strategy, config: ClientDPConfig, expected_clients: float) -> None:
+    strategy.traits.check_client_dp(strategy.hetero)
+    config.validate()
+    if not (math.isfinite(expected_clients) and expected_clients > 0):
+        raise ConfigError(
+            f"expected clients per round must be a number > 0, got {expected_clients!r}; "
+            "pass q * N for Poisson sampling or the sample size for fixed-size sampling"
+        )
+
+
+class DPFedAvg(Strategy):
+    """Client-level DP-FedAvg around a strategy that allows it, as Flower wraps its strategies
+    for DP: the wrapped strategy's downlinks, state and validation, with `aggregate` replaced by
+    clip, sum, noise and divide by the fixed `expected_clients`. Every round is released, also one
+    in which no valid update arrived (pure noise), so the accounting's round count is the truth.
+    """
+
+    every_round_released = True
+
+    def __init__(self, inner: Strategy, config: ClientDPConfig, *, expected_clients: float,
+                 generator: torch.Generator) -> None:
+        _check_wrappable(inner, config, expected_clients)
+        self.inner, self.config = inner, config
+        self.expected_clients, self.generator = expected_clients, generator
+        self.traits = inner.traits
+        self.spec, self.hetero, self.head = inner.spec, inner.hetero, inner.head
+        self.seed = inner.seed
+        self.last_report: ClientDPReport | None = None  # private: per-client norms
+
+    def init_state(self, extras: Mapping[str, Tensor] | None = None) -> GlobalState:
+        return self.inner.init_state(extras)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def downlink(self, state: GlobalState, client_id: str, since_round: int = 0) -> Adapter:
+        return self.inner.downlink(state, client_id, since_round)
+
+    def starting_adapter(self, state: GlobalState, client_id: str) -> Adapter:
+        return self.inner.starting_adapter(state, client_id)
+
+    def round_release(self, state: GlobalState) -> dict[str, LowRank]:
+        return self.inner.round_release(state)
+
+    def global_update(self, state: GlobalState) -> dict[str, LowRank]:
+        return self.inner.global_update(state)
+
+    def export_lora(self, state: GlobalState, export_rank: int | None
+                    ) -> tuple[dict[str, LoraFactors], dict[str, Any]]:
+        return self.inner.export_lora(state, export_rank)
+
+    def audited_form(self) -> Strategy:
+        return self.inner.audited_form()
+
+    def carry_over(self, state: GlobalState) -> GlobalState:
+        """No valid update: the round still releases, the noise alone."""
+        return self.aggregate(state, [])[0]
+
+    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]
+                  ) -> tuple[GlobalState, AggregationReport]:
+        new_state, report = dp_fedavg(self.inner, state, updates, self.config,
+                                      self.expected_clients, self.generator)
+        bound = self.config.clip_norm * (1 + 1e-6)
+        if any(norm > bound for norm in report.post_clip_norms.values()):
+            raise AssertionError("client-level DP: a clipped update exceeds the clip norm")
+        self.last_report = report
+        weights = {u.client_id: 1 / self.expected_clients for u in updates}
+        return new_state, AggregationReport(self.name, new_state.round, weights, math.nan,
+                                            math.nan, {})
 
 
 def draw_clients(ids: Sequence[str], per_round: float, sampling: str, rng: random.Random

@@ -1,4 +1,5 @@
-"""Empirical client-level audit: canary clients through the server's own DP-FedAvg (`dp_fedavg`).
+"""Empirical client-level audit: canary clients through the server's own round (`fedlr.rounds`)
+and DP-FedAvg (`DPFedAvg`).
 
 Each of M canary clients is in the population with probability 1/2; in each of the run's rounds
 the server's own client sampler (`draw_clients`, Poisson at the run's q) draws from all M, and a
@@ -14,6 +15,7 @@ post-processing of that release.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,8 @@ from fedlr.adapters import Adapter, LoraFactors, load_adapter
 from fedlr.audit_bounds import best_one_run_bound, canary_report
 from fedlr.client_dp import (
     ClientDPConfig,
+    DPFedAvg,
     client_level_epsilon,
-    dp_fedavg,
     draw_clients,
     l2_norm,
     released,
@@ -33,16 +35,10 @@ from fedlr.client_dp import (
 from fedlr.errors import ConfigError
 from fedlr.lowrank import LowRank
 from fedlr.privacy import private_generator
+from fedlr.rounds import close_round, plan_round
 from fedlr.simconfig import SimulationConfig
 from fedlr.strategies import FederationSpec, GlobalState, ModuleShape, Strategy, make_strategy
 from fedlr.strategies.base import ClientUpdate
-
-
-def _auditable(strategy: Strategy) -> Strategy:
-    if strategy.name != "fedsvd":
-        return strategy
-    return make_strategy("ffa", strategy.spec, hetero=strategy.hetero, head=strategy.head,
-                         seed=strategy.seed)
 
 
 def _flat(space: dict[str, Tensor]) -> Tensor:
@@ -70,13 +66,17 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
     if config.sampling != "poisson":
         raise ConfigError("the client-level canary audit draws canaries by Poisson sampling; "
                           "audit a run with client_sampling poisson")
-    strategy = _auditable(strategy)
+    strategy = strategy.audited_form()
+    rank = strategy.spec.max_rank  # every canary client trains at the largest rank
+    canary_spec = replace(strategy.spec, ranks={str(i): rank for i in range(canaries)})
+    private = DPFedAvg(
+        make_strategy(strategy.name, canary_spec, hetero=strategy.hetero, head=strategy.head,
+                      seed=strategy.seed),
+        config, expected_clients=per_round,
+        generator=private_generator("cpu", None if seed is None else seed + 1))
     gen = private_generator("cpu", seed)
-    noise = private_generator("cpu", None if seed is None else seed + 1)
     sampler = random.SystemRandom() if seed is None else random.Random(seed + 2)
     q = per_round / num_clients
-    client = max(strategy.spec.ranks, key=lambda c: strategy.spec.ranks[c])
-    start = strategy.downlink(state, client)
     base = released(strategy, state)
     keys = sorted(base)
     directions = []
@@ -95,17 +95,18 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
         ids = [i for i in draw_clients(population, q * canaries, "poisson", sampler)
                if included[int(i)]]
         sampled[[int(i) for i in ids]] += 1
-        updates = [_canary_update(i, start, strategy, state, directions[int(i)]) for i in ids]
-        new_state, _ = dp_fedavg(strategy, state, updates, dict.fromkeys(ids, start), config,
-                                 expected_clients=per_round, generator=noise)
-        noisy_sum = (_flat(released(strategy, new_state)) - before) * per_round
+        plan = plan_round(private, state, ids)
+        updates = [_canary_update(i, plan.starts[i], strategy, state, directions[int(i)])
+                   for i in ids]
+        released_state = close_round(private, state, plan, updates).state
+        noisy_sum = (_flat(released(strategy, released_state)) - before) * per_round
         scores += units @ noisy_sum
     bound = best_one_run_bound(scores.tolist(), included.tolist(), config.delta, significance)
     return {
         "kind": "client level, one run, canary clients",
         "setup": f"{rounds} rounds of the server's DP-FedAvg ({strategy.name}) with z = "
                  f"{config.noise_multiplier:g}, S = {config.clip_norm:g}, Poisson q = {q:.4g}, "
-                 f"canaries at rank {strategy.spec.ranks[client]}, drawn by the server's "
+                 f"canaries at rank {rank}, drawn by the server's "
                  "client sampler",
         "threat_model": "the auditor chooses the canary clients' updates (random directions of "
                         "norm 2S), knows every other client's update, and sees each round's "

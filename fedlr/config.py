@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from fedlr.errors import ConfigError
 
-STRATEGY_NAMES = ("fedit", "flora", "ffa", "fedsvd", "fair")  # fedlr.strategies.STRATEGIES
 HETERO_METHODS = ("hetlora", "hetlora-fedavg", "flexlora")
 HEAD_MODES = ("train", "freeze")
 TASKS = ("classification", "causal-lm")
@@ -141,21 +140,8 @@ class DataSpec:
 
 # -- client-level DP (DP-FedAvg, fedlr.client_dp) -------------------------------------------
 
-SUPPORTED_STRATEGIES = ("fedit", "ffa", "fedsvd")
 SAMPLING_MODES = ("poisson", "fixed")
 CLIENT_ACCOUNTANTS = ("rdp", "pld")
-
-_REFUSED = {
-    "flora": (
-        "FLoRA stacks every client's factors, so the aggregate grows with the number of clients "
-        "and is a sum of products B_k A_k, not a sum of clipped vectors that noise can cover"
-    ),
-    "fair": (
-        "LoRA-FAIR's server-side correction optimises on the raw client factors, which noise "
-        "added to their sum does not protect"
-    ),
-}
-
 
 @dataclass(frozen=True)
 class ClientDPConfig:
@@ -191,23 +177,3 @@ class ClientDPConfig:
                 "has no sampling-without-replacement event); use accountant 'rdp' or sampling "
                 "'poisson'"
             )
-
-
-def check_composes(strategy_name: str, hetero: str) -> None:
-    """Refuse strategies whose aggregate is not a noised sum of clipped update vectors."""
-    if strategy_name in _REFUSED:
-        raise ConfigError(
-            f"client-level DP does not compose with strategy {strategy_name!r}: "
-            f"{_REFUSED[strategy_name]}; use one of {SUPPORTED_STRATEGIES}"
-        )
-    if strategy_name not in SUPPORTED_STRATEGIES:
-        raise ConfigError(
-            f"client-level DP does not support strategy {strategy_name!r}; "
-            f"use one of {SUPPORTED_STRATEGIES}"
-        )
-    if strategy_name == "fedit" and hetero == "flexlora":
-        raise ConfigError(
-            "client-level DP does not compose with strategy 'fedit' and hetero 'flexlora': "
-            "FlexLoRA takes an SVD of the exact sum of client products, not a sum of clipped "
-            "factor deltas; use hetero 'hetlora', or strategy 'ffa' or 'fedsvd'"
-        )

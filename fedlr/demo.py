@@ -23,7 +23,7 @@ from fedlr.adapters import Adapter, LoraFactors, atomic_write
 from fedlr.lowrank import kaiming_uniform_a
 from fedlr.model_sources import minilm_path
 from fedlr.models import skeleton, target_module_shapes
-from fedlr.rounds import aggregate_round
+from fedlr.rounds import close_round, plan_round, sample_clients
 from fedlr.strategies import STRATEGIES, ClientUpdate, FederationSpec, Strategy, make_strategy
 from fedlr.validation import ValidationPolicy
 
@@ -109,9 +109,7 @@ class SyntheticFederation:
         return Adapter(lora=lora, extras={})
 
     def global_delta(self, strategy: Strategy, state) -> dict[str, Tensor]:
-        if strategy.name == "flora":
-            return strategy.downlink(state, self.clients[0]).delta_weights()
-        return {name: x.dense() for name, x in state.lora.items()}
+        return {name: x.dense() for name, x in strategy.global_update(state).items()}
 
     def gap(self, delta: dict[str, Tensor]) -> float:
         num = sum(float((delta[n] - o).pow(2).sum()) for n, o in self.optimum.items())
@@ -120,7 +118,8 @@ class SyntheticFederation:
 
 
 def run_strategy(fed: SyntheticFederation, name: str, progress=None) -> list[RoundRecord]:
-    """All rounds of one strategy; each client keeps its merged base and last synced round."""
+    """All rounds of one strategy through the core's round (plan, train, close); each client
+    keeps its merged base and the round it last synced."""
     cfg = fed.config
     strategy = make_strategy(name, fed.spec, hetero=cfg.hetero, seed=cfg.seed)
     state = strategy.init_state()
@@ -131,16 +130,14 @@ def run_strategy(fed: SyntheticFederation, name: str, progress=None) -> list[Rou
     records = []
     for rnd in range(1, cfg.rounds + 1):
         tic = time.perf_counter()
-        picked = torch.randperm(len(fed.clients), generator=gen)[: cfg.clients_per_round]
-        chosen = [fed.clients[i] for i in sorted(picked.tolist())]
-        updates, sent, bytes_up, bytes_down = [], {}, 0, 0
-        for c in chosen:
-            down = strategy.downlink(state, c, since_round=synced[c])
+        chosen = sample_clients(fed.clients, cfg.clients_per_round, rnd, seed=cfg.seed)
+        plan = plan_round(strategy, state, chosen, synced=synced)
+        updates, bytes_up, bytes_down = [], 0, 0
+        for c, down in plan.downlinks.items():
             bytes_down += down.nbytes()
             for module, delta in down.delta_weights().items() if down.base else ():
                 base[c][module] = base[c].get(module, 0) + delta
             synced[c] = state.round
-            sent[c] = Adapter(lora=down.lora, extras=down.extras)  # the start, minus the merge
             trained = fed.train(strategy, c, down, base[c], gen)
             if rnd == cfg.corrupt_round and c == chosen[0]:  # a faulty upload, to be rejected
                 first = next(iter(trained.lora))
@@ -156,7 +153,7 @@ def run_strategy(fed: SyntheticFederation, name: str, progress=None) -> list[Rou
             )
             bytes_up += uploaded
             updates.append(ClientUpdate(c, trained, fed.examples[c]))
-        result = aggregate_round(strategy, state, updates, sent=sent, policy=policy)
+        result = close_round(strategy, state, plan, updates, policy=policy)
         state = result.state
         records.append(
             RoundRecord(
@@ -164,7 +161,7 @@ def run_strategy(fed: SyntheticFederation, name: str, progress=None) -> list[Rou
                 round=rnd,
                 clients=result.accepted,
                 residual=result.report.residual,
-                exact=bool(result.report.details.get("exact")),
+                exact=result.exact,
                 gap_to_optimum=fed.gap(fed.global_delta(strategy, state)),
                 bytes_up=bytes_up,
                 bytes_down=bytes_down,

@@ -16,18 +16,17 @@ from typing import Any
 from fedlr.config import (
     HEAD_MODES,
     HETERO_METHODS,
-    STRATEGY_NAMES,
     TASKS,
     ClientDPConfig,
     DataSpec,
     DPConfig,
     ModelSpec,
     TrainConfig,
-    check_composes,
 )
 from fedlr.data import BUILTIN, PartitionScheme, names_a_file
 from fedlr.errors import ConfigError
 from fedlr.model_sources import resolve_source
+from fedlr.strategies.traits import STRATEGY_NAMES, strategy_traits
 
 
 @dataclass
@@ -159,7 +158,7 @@ class SimulationConfig:
                 "client-level DP keeps secret; use one level, or add publish_client_ids "
                 "(client-level epsilon is then accounted without amplification by sampling)")
         dp.validate()
-        check_composes(self.strategy, self.hetero)
+        strategy_traits(self.strategy).check_client_dp(self.hetero)
         if self.min_valid_updates != 1:
             raise ConfigError(
                 "min_valid_updates does not apply under client-level DP: every round is released "

@@ -1,5 +1,6 @@
-"""The round loop on Flower's Grid: sample, send each client its own downlink, validate and
-aggregate what comes back, evaluate, and write the run directory.
+"""The round loop on Flower's Grid: the core plans each round (`fedlr.rounds`), this module
+sends each client its own downlink and brings the replies back, the core closes the round, and
+this module evaluates and writes the run directory.
 
 It is our own loop rather than `Strategy.start` because fedlr needs per-client payloads (ranks,
 FLoRA base updates, privacy ledgers), validation with reasons, and resume from a checkpoint.
@@ -11,14 +12,12 @@ import functools
 import json
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -26,81 +25,26 @@ from fedlr.adapters import Adapter, LoraFactors, adapter_from_tensors, load_into
 from fedlr.client_dp import (
     client_level_description,
     client_level_epsilon,
-    dp_fedavg,
-    draw_clients,
     published_sample_epsilon,
 )
-from fedlr.config import DataSpec
-from fedlr.errors import FedlrError, RoundFailedError
 from fedlr.evaluation import evaluate
+from fedlr.federation import Federation
 from fedlr.payload import Job, adapter_payload, job_settings
-from fedlr.privacy import PrivacyLedger, opacus_epsilon, private_generator
-from fedlr.rounds import Rejection, aggregate_round
+from fedlr.privacy import PrivacyLedger, opacus_epsilon
+from fedlr.rounds import Rejection, close_round, plan_round, sample_clients
 from fedlr.server.nodes import NodeDirectory
 from fedlr.server.rundir import RunDir, write_json
-from fedlr.session import DataSession, ModelSession, data_session, data_source
-from fedlr.session import model_session as load_model_session
-from fedlr.simconfig import SimulationConfig
-from fedlr.strategies import FederationSpec, GlobalState, Strategy, make_strategy
-from fedlr.strategies.base import AggregationReport, ClientUpdate
-from fedlr.strategies.flora import FLoRA
+from fedlr.strategies import GlobalState
+from fedlr.strategies.base import ClientUpdate
 from fedlr.validation import ValidationPolicy
 
 log = logging.getLogger("fedlr")
-SECURE_RANDOM = random.SystemRandom()
 
 
 @functools.lru_cache(maxsize=4096)
 def history_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
                     accountant: str) -> float:
     return opacus_epsilon(history, delta, accountant)
-
-
-def sample_clients(config: SimulationConfig, round_: int) -> list[str]:
-    """The round's clients: reproducible from the seed, except under client-level DP, whose
-    amplification by sampling needs a draw nobody can predict (Poisson or fixed-size)."""
-    dp = config.client_dp_config()
-    ids, size = config.client_ids(), config.sampled_per_round
-    if dp is None:
-        chosen = random.Random(f"{config.seed}:{round_}").sample(ids, size)
-    else:
-        chosen = draw_clients(ids, size, dp.sampling, SECURE_RANDOM)
-    return sorted(chosen, key=int)
-
-
-@dataclass
-class Federation:
-    """Everything the server builds before round 1; building it validates the data and model."""
-
-    config: SimulationConfig
-    model: ModelSession
-    data: DataSession
-    data_spec: DataSpec
-    strategy: Strategy
-
-    @classmethod
-    def build(cls, config: SimulationConfig) -> Federation:
-        labels = data_source(config.dataset, config.task).num_labels
-        spec = config.model_spec(labels)
-        model = load_model_session(spec, config.alpha)
-        data_spec = config.data_spec()
-        data = data_session(data_spec, spec)
-        federation = FederationSpec(
-            modules=model.host.shapes,
-            ranks=config.client_ranks(),
-            alpha=config.alpha,
-            extras=model.host.head_shapes,
-        )
-        strategy = make_strategy(
-            config.strategy, federation, hetero=config.hetero, head=config.head, seed=config.seed
-        )
-        return cls(config, model, data, data_spec, strategy)
-
-    @property
-    def eval_client(self) -> str:
-        """A client of the largest rank: its downlink is the whole global adapter."""
-        ranks = self.strategy.spec.ranks
-        return max(ranks, key=lambda c: (ranks[c], -int(c)))
 
 
 @dataclass
@@ -110,8 +54,6 @@ class Coordinator:
     on_round: Callable[[dict[str, Any]], None] = lambda record: None
     ledgers: dict[str, PrivacyLedger] = field(default_factory=dict)  # as the clients report
     client_rounds: dict[str, int] = field(default_factory=dict)  # published ids: rounds joined
-    noise: torch.Generator = field(  # client-level DP noise: seeded from the OS, never the run
-        default_factory=private_generator)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -158,7 +100,7 @@ class Coordinator:
             round=round_,
             rank=strategy.spec.ranks[client],
             train_a=strategy.trains_a,
-            train_head=strategy.head == "train" and bool(strategy.spec.extras),
+            train_head=strategy.trains_head,
             seed=config.seed * 1_000_003 + round_ * 10_007 + int(client),
             alpha=config.alpha,
             model={**self.fed.model.spec.__dict__, "targets": list(self.fed.model.host.targets)},
@@ -172,14 +114,17 @@ class Coordinator:
 
     def round(self, grid: Grid, nodes: dict[str, int], state: GlobalState, round_: int
               ) -> GlobalState:
+        """Plan the round in the core, carry each downlink to its node and the replies back,
+        close the round in the core, then write what it released."""
         started = time.perf_counter()
-        strategy = self.fed.strategy
-        clients = sample_clients(self.fed.config, round_)
-        reachable = [c for c in clients if c in nodes]
-        downlinks = {c: strategy.downlink(state, c) for c in reachable}
+        config, strategy = self.fed.config, self.fed.strategy
+        dp = config.client_dp_config()
+        clients = sample_clients(config.client_ids(), config.sampled_per_round, round_,
+                                 seed=config.seed, private_sampling=dp and dp.sampling)
+        plan = plan_round(strategy, state, clients, reachable=nodes)
         messages, bytes_down = [], 0
-        for client in reachable:
-            flat, scalings = adapter_payload(downlinks[client])
+        for client, downlink in plan.downlinks.items():
+            flat, scalings = adapter_payload(downlink)
             arrays = ArrayRecord(torch_state_dict=flat)
             bytes_down += arrays.count_bytes()
             content = RecordDict({
@@ -188,59 +133,41 @@ class Coordinator:
             })
             messages.append(Message(content=content, dst_node_id=nodes[client],
                                     message_type="train"))
-        replies = list(grid.send_and_receive(messages, timeout=self.fed.config.round_timeout))
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
         # by the message answered: Flower's own error replies (node offline) come from the
         # SuperLink, not from the node; the grid gave each message its id when it pushed it
-        sent_to = {m.metadata.message_id: c for m, c in zip(messages, reachable, strict=True)}
-        updates, rejected, metrics, bytes_up = [], [], [], 0
+        sent_to = {m.metadata.message_id: c for m, c in zip(messages, plan.downlinks, strict=True)}
+        updates, refused, metrics, bytes_up = [], [], [], 0
         for reply in replies:
             client = sent_to.get(reply.metadata.reply_to_message_id)
             if client is None:
                 continue  # not an answer to this round's messages
-            update, refusal, numbers, size = self.parse(client, reply, downlinks.get(client))
+            update, refusal, numbers, size = self.parse(client, reply, plan.downlinks[client])
             bytes_up += size
             if refusal is not None:
-                rejected.append(refusal)
+                refused.append(refusal)
                 continue
             updates.append(update)
             metrics.append(numbers)
-        answered = {r.client_id for r in rejected} | {u.client_id for u in updates}
-        rejected += [Rejection(c, "no reply (dropped or timed out)", "no reply")
-                     for c in reachable if c not in answered]
-        rejected += [Rejection(c, "not connected", "not connected")
-                     for c in clients if c not in nodes]
-        updates.sort(key=lambda u: int(u.client_id))  # reply order must not change the sums
-        sent = {c: strategy.starting_adapter(state, c) for c in reachable}
-        private = self.fed.config.client_dp_config() is not None
-        policy = ValidationPolicy(
-            max_update_norm=self.fed.config.max_update_norm,
-            min_valid_updates=0 if private else self.fed.config.min_valid_updates,
-        )
-        aggregate = functools.partial(self.private_aggregate, sent=sent) if private else None
-        try:
-            result = aggregate_round(strategy, state, updates, sent=sent, policy=policy,
-                                     aggregate=aggregate)
-        except RoundFailedError as exc:
-            raise FedlrError(f"{exc} (plus {len(rejected)} rejected before validation: "
-                             + "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) + ")"
-                             ) from None
-        rejected += result.rejected
-        self.log_rejections(round_, rejected)
+        policy = ValidationPolicy(max_update_norm=config.max_update_norm,
+                                  min_valid_updates=config.min_valid_updates)
+        result = close_round(strategy, state, plan, updates, policy=policy, refused=refused)
+        self.log_rejections(round_, result.rejected)
         new_state = result.state
         accepted = sorted(result.accepted, key=int)
 
         self.run.save_global(round_, self.global_adapter(new_state))
-        if self.fed.config.save_client_updates:
+        if config.save_client_updates:
             for update in updates:
                 if update.client_id in accepted:
                     self.run.save_client(round_, update.client_id, update.adapter)
         evaluation = self.evaluate(new_state)
         epsilons = self.epsilons()
-        record = self.record(round_, clients, accepted, rejected, metrics, evaluation, epsilons,
-                             result.report.residual, result.report.residual_max,
+        record = self.record(round_, clients, accepted, result.rejected, metrics, evaluation,
+                             epsilons, result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
-        record["aggregation_exact"] = bool(result.report.details.get("exact"))
-        if self.fed.config.publish_client_ids:  # who joined is public: accounted per client
+        record["aggregation_exact"] = result.exact
+        if config.publish_client_ids:  # who joined is public: accounted per client
             for client in accepted:
                 self.client_rounds[client] = self.client_rounds.get(client, 0) + 1
         client_level = self.client_level(round_)
@@ -251,22 +178,6 @@ class Coordinator:
         self.checkpoint(new_state)
         self.on_round(record)
         return new_state
-
-    def private_aggregate(self, state: GlobalState, accepted: list[ClientUpdate], *,
-                          sent: dict[str, Adapter]) -> tuple[GlobalState, AggregationReport]:
-        """DP-FedAvg over the validated updates: clipped, summed, noised, over a fixed m."""
-        config = self.fed.config
-        dp = config.client_dp_config()
-        assert dp is not None
-        new_state, report = dp_fedavg(self.fed.strategy, state, accepted, sent, dp,
-                                      expected_clients=config.sampled_per_round,
-                                      generator=self.noise)
-        bound = dp.clip_norm * (1 + 1e-6)
-        if any(norm > bound for norm in report.post_clip_norms.values()):
-            raise FedlrError("client-level DP: a clipped update exceeds the clip norm (a bug)")
-        weights = {u.client_id: 1 / config.sampled_per_round for u in accepted}
-        return new_state, AggregationReport(self.fed.strategy.name, new_state.round, weights,
-                                            math.nan, math.nan, {})
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -313,8 +224,8 @@ class Coordinator:
     def global_adapter(self, state: GlobalState) -> Adapter:
         """The round's file: effective factors with scaling 1, so dW = B A exactly. For FLoRA the
         exact stacked update of the round."""
-        source = state.history[-1] if isinstance(self.fed.strategy, FLoRA) else state.lora
-        lora = {name: LoraFactors(x.A, x.B, 1.0) for name, x in source.items()}
+        lora = {name: LoraFactors(x.A, x.B, 1.0)
+                for name, x in self.fed.strategy.round_release(state).items()}
         meta = {"round": state.round, "strategy": self.fed.strategy.name}
         return Adapter(lora=lora, extras=dict(state.extras), meta=meta)
 

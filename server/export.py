@@ -10,41 +10,18 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from fedlr.adapters import Adapter, LoraFactors, peft_config_fields, to_peft_state_dict
-from fedlr.lowrank import svd
+from fedlr.adapters import Adapter, peft_config_fields, to_peft_state_dict
 from fedlr.strategies import GlobalState, Strategy
-from fedlr.strategies.flora import FLoRA
 
 TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
 def final_adapter(strategy: Strategy, state: GlobalState, export_rank: int | None
                   ) -> tuple[Adapter, dict[str, Any]]:
-    """What the run hands over, and facts about it.
-
-    FLoRA: the exact cumulative update of all rounds as one LoRA of the stacked rank (scaling 1),
-    re-factored exactly by an SVD where that rank exceeds min(d_out, d_in) (no exact LoRA needs
-    more); or, with `export_rank`, its best rank-`export_rank` approximation and the energy each
-    module keeps. The others: the global adapter at the federation's largest rank, in PEFT's
-    scaling.
-    """
-    info: dict[str, Any] = {"strategy": strategy.name, "round": state.round}
-    if isinstance(strategy, FLoRA):
-        if export_rank is not None:
-            compressed, energy = strategy.compressed(state, export_rank)
-            source, info["energy_kept"] = compressed, energy
-        else:
-            source = strategy.cumulative(state)
-            capped = {name: min(x.shape) for name, x in source.items() if x.rank > min(x.shape)}
-            source = {name: svd(x).top(capped[name]) if name in capped else x
-                      for name, x in source.items()}
-            info["refactored_exactly"] = sorted(capped)
-        lora = {name: LoraFactors(x.A, x.B, 1.0) for name, x in source.items()}
-    else:
-        rank = strategy.spec.max_rank
-        scaling = strategy.spec.scaling(rank)
-        lora = {name: LoraFactors.from_effective(x, scaling) for name, x in state.lora.items()}
-    info["ranks"] = sorted({f.rank for f in lora.values()})
+    """What the run hands over (`Strategy.export_lora`), and facts about it."""
+    lora, facts = strategy.export_lora(state, export_rank)
+    info: dict[str, Any] = {"strategy": strategy.name, "round": state.round, **facts,
+                            "ranks": sorted({f.rank for f in lora.values()})}
     return Adapter(lora=lora, extras=dict(state.extras)), info
 
 

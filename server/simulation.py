@@ -17,9 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedlr.errors import FedlrError
+from fedlr.federation import Federation
 from fedlr.model_sources import resolve_source
 from fedlr.node_privacy import SIMULATED_NODES_ENV
-from fedlr.server.coordinator import Coordinator, Federation
+from fedlr.server.coordinator import Coordinator
 from fedlr.server.export import export_peft, final_adapter
 from fedlr.server.report import evaluation_note, plot, summary_table
 from fedlr.server.rundir import RunDir

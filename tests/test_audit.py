@@ -36,6 +36,7 @@ def dp_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_the_audit_recomputes_the_claims_and_two_libraries_agree(dp_run, tmp_path):
     report = write_audit(dp_run)
     privacy = json.loads((dp_run / "privacy.json").read_text())
@@ -60,6 +61,7 @@ def test_the_audit_recomputes_the_claims_and_two_libraries_agree(dp_run, tmp_pat
     assert (dp_run / "audit.png").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_a_non_poisson_client_is_flagged(dp_run, tmp_path):
     run = tmp_path / "copy"
     run.mkdir()
@@ -74,6 +76,7 @@ def test_a_non_poisson_client_is_flagged(dp_run, tmp_path):
                      "assumes Poisson sampling and is not a guarantee"]
 
 
+@pytest.mark.e2e
 def test_an_understated_epsilon_or_a_passed_budget_is_flagged(dp_run, tmp_path):
     run = tmp_path / "copy"
     run.mkdir()
@@ -95,6 +98,7 @@ def test_a_run_without_dp_has_nothing_to_audit(tmp_path):
         write_audit(tmp_path)
 
 
+@pytest.mark.e2e
 def test_fedlr_audit_empirical_audits_both_levels_of_a_run(dp_run):
     done = subprocess.run([sys.executable, "-m", "fedlr.cli", "audit", str(dp_run),
                            "--empirical", "--canaries", "200"], capture_output=True, text=True,
@@ -152,12 +156,14 @@ def test_an_audit_of_a_directory_that_does_not_exist_says_so(tmp_path):
         write_audit(tmp_path / "nowhere")
 
 
+@pytest.mark.e2e
 def test_a_clean_audit_says_which_accountants_it_compared(dp_run):
     write_audit(dp_run)
     text = (dp_run / "audit.md").read_text()
     assert "No flags:" in text and "PRV with PLD" in text and "looser" in text
 
 
+@pytest.mark.e2e
 def test_published_client_ids_are_accounted_without_amplification(dp_run):
     """The opt-in names each round's clients, so each client's epsilon is the Gaussian mechanism
     composed over the rounds its update was in (dp-accounting's, within 1 %)."""

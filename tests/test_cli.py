@@ -28,6 +28,7 @@ def test_every_command_has_help(command):
     assert "Usage" in result.stdout and "--help" in result.stdout
 
 
+@pytest.mark.e2e
 def test_demo_writes_metrics_and_rejects_the_corrupted_upload(tmp_path):
     out = tmp_path / "demo"
     result = fedlr(

@@ -16,13 +16,19 @@ from hypothesis import strategies as st
 from fedlr.adapters import Adapter, LoraFactors
 from fedlr.client_dp import (
     ClientDPConfig,
-    check_composes,
+    DPFedAvg,
     client_level_description,
     client_level_epsilon,
     dp_fedavg,
 )
 from fedlr.errors import ConfigError
-from fedlr.strategies import ClientUpdate, FederationSpec, ModuleShape, make_strategy
+from fedlr.strategies import (
+    ClientUpdate,
+    FederationSpec,
+    ModuleShape,
+    make_strategy,
+    strategy_traits,
+)
 
 seeds = st.integers(0, 2**31 - 1)
 SETTINGS = settings(max_examples=15, deadline=None)
@@ -100,12 +106,12 @@ def test_clipping_bounds_every_update(seed, name, scales, clip_norm):
     ranks = [2, 4, 8, 16, 4][: len(scales)]
     strategy, state, gen = federation(name, seed, ranks)
     sent = sent_adapters(strategy, state)
-    updates = [
-        rescaled(u, sent[u.client_id], c)
+    updates = [  # each with the adapter it started from, as the round attaches it
+        dataclasses.replace(rescaled(u, sent[u.client_id], c), start=sent[u.client_id])
         for u, c in zip(client_updates(strategy, state, gen), scales, strict=True)
     ]
     config = ClientDPConfig(noise_multiplier=1.0, clip_norm=clip_norm)
-    _, report = dp_fedavg(strategy, state, updates, sent, config, 3.0, torch.Generator())
+    _, report = dp_fedavg(strategy, state, updates, config, 3.0, torch.Generator())
     for u in updates:
         pre, post = report.pre_clip_norms[u.client_id], report.post_clip_norms[u.client_id]
         assert math.isclose(pre, direct_norm(strategy, u, sent[u.client_id]), rel_tol=1e-9)
@@ -131,8 +137,9 @@ def test_one_client_release_is_its_clipped_delta_over_m(seed, name, scale, clip_
     strategy, state, gen = federation(name, seed, [4, 8])
     sent = sent_adapters(strategy, state)
     update = rescaled(client_updates(strategy, state, gen)[1], sent["c1"], scale)
+    update = dataclasses.replace(update, start=sent["c1"])
     config = ClientDPConfig(noise_multiplier=0.0, clip_norm=clip_norm)
-    new, report = dp_fedavg(strategy, state, [update], sent, config, m, torch.Generator())
+    new, report = dp_fedavg(strategy, state, [update], config, m, torch.Generator())
     expected = min(report.pre_clip_norms["c1"], clip_norm) / m
     assert math.isclose(flat_norm(state_change(strategy, state, new)), expected, rel_tol=1e-7)
 
@@ -147,7 +154,7 @@ def test_no_noise_no_clip_equals_equal_weight_aggregate(seed, name, rank):
     updates = [dataclasses.replace(u, num_examples=1) for u in client_updates(strategy, state, gen)]
     before = {k: v.clone() for k, v in state.to_tensors()[0].items()}
     config = ClientDPConfig(noise_multiplier=0.0, clip_norm=NO_CLIP)
-    private, _ = dp_fedavg(strategy, state, updates, None, config, 4, torch.Generator())
+    private, _ = dp_fedavg(strategy, state, updates, config, 4, torch.Generator())
     plain, _ = strategy.aggregate(state, updates)
     assert private.round == plain.round == state.round + 1
     for n, g in plain.lora.items():
@@ -184,7 +191,7 @@ def test_noise_has_std_z_s_over_m_and_zero_mean(send):
     updates = unchanged_updates(strategy, state) if send else []
     z, s, m = 1.3, 0.7, 5.0
     config = ClientDPConfig(noise_multiplier=z, clip_norm=s)
-    new, _ = dp_fedavg(strategy, state, updates, None, config, m, torch.Generator().manual_seed(1))
+    new, _ = dp_fedavg(strategy, state, updates, config, m, torch.Generator().manual_seed(1))
     noise = torch.cat([p.flatten() for p in state_change(strategy, state, new)])
     n, sigma = noise.numel(), z * s / m
     assert abs(float(noise.std()) / sigma - 1) <= 5 / math.sqrt(2 * n)
@@ -198,7 +205,7 @@ def test_noise_is_fresh_each_round_and_reproducible_from_the_seed():
     config = ClientDPConfig(noise_multiplier=1.0, clip_norm=1.0)
 
     def release(gen: torch.Generator) -> torch.Tensor:
-        new, _ = dp_fedavg(strategy, state, updates, None, config, 3, gen)
+        new, _ = dp_fedavg(strategy, state, updates, config, 3, gen)
         return torch.cat([p.flatten() for p in state_change(strategy, state, new)])
 
     gen = torch.Generator().manual_seed(7)
@@ -216,7 +223,7 @@ def test_low_rank_client_touches_only_its_columns(name):
     strategy, state, gen = federation(name, 3, [2, 8], extras=False)
     update = client_updates(strategy, state, gen)[0]  # c0, rank 2
     quiet = ClientDPConfig(noise_multiplier=0.0, clip_norm=NO_CLIP)
-    new, _ = dp_fedavg(strategy, state, [update], None, quiet, 1, torch.Generator())
+    new, _ = dp_fedavg(strategy, state, [update], quiet, 1, torch.Generator())
     for n, g in state.lora.items():
         d_b = new.lora[n].B - g.B
         assert float(d_b[:, :2].abs().max()) > 0 and torch.equal(
@@ -225,7 +232,7 @@ def test_low_rank_client_touches_only_its_columns(name):
         d_a = new.lora[n].A - g.A
         assert torch.equal(d_a[2:], torch.zeros_like(d_a[2:]))
     noisy = ClientDPConfig(noise_multiplier=1.0, clip_norm=1.0)
-    new, _ = dp_fedavg(strategy, state, [update], None, noisy, 1, torch.Generator())
+    new, _ = dp_fedavg(strategy, state, [update], noisy, 1, torch.Generator())
     for n, g in state.lora.items():  # the noise covers every padded column
         assert bool(((new.lora[n].B - g.B)[:, 2:] != 0).all())
 
@@ -235,7 +242,7 @@ def test_duplicate_client_is_refused():
     update = client_updates(strategy, state, gen)[0]
     config = ClientDPConfig(noise_multiplier=1.0, clip_norm=1.0)
     with pytest.raises(ValueError, match="two updates"):
-        dp_fedavg(strategy, state, [update, update], None, config, 2, torch.Generator())
+        dp_fedavg(strategy, state, [update, update], config, 2, torch.Generator())
 
 
 # -- accounting -------------------------------------------------------------------------------
@@ -317,17 +324,23 @@ def test_description_states_unit_adjacency_and_sampling():
 )
 def test_non_composing_strategies_are_refused(name, hetero):
     with pytest.raises(ConfigError, match=f"strategy '{name}'"):
-        check_composes(name, hetero)
+        strategy_traits(name).check_client_dp(hetero)
     strategy = make_strategy(name, random_spec(torch.Generator(), [2, 4]), hetero=hetero)
     with pytest.raises(ConfigError, match=f"strategy '{name}'"):
-        dp_fedavg(strategy, strategy.init_state(), [], None, ClientDPConfig(1.0, 1.0), 1, None)
+        dp_fedavg(strategy, strategy.init_state(), [], ClientDPConfig(1.0, 1.0), 1, None)
+    with pytest.raises(ConfigError, match=f"strategy '{name}'"):
+        DPFedAvg(strategy, ClientDPConfig(1.0, 1.0), expected_clients=1, generator=None)
 
 
 @pytest.mark.parametrize(
     ("name", "hetero"), [("fedit", "hetlora"), ("ffa", "flexlora"), ("fedsvd", "flexlora")]
 )
 def test_composing_strategies_pass(name, hetero):
-    check_composes(name, hetero)
+    strategy_traits(name).check_client_dp(hetero)
+    strategy = make_strategy(name, random_spec(torch.Generator(), [2, 4]), hetero=hetero)
+    private = DPFedAvg(strategy, ClientDPConfig(1.0, 1.0), expected_clients=1,
+                       generator=torch.Generator())
+    assert private.name == name and private.every_round_released
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ def test_fedsvd_releases_a_function_of_what_ffa_releases():
         strategy, state = audit_state(SPEC, name, {"head": torch.zeros(4, 32)},
                                       hetero="hetlora", head="freeze", seed=0)
         updates = client_updates(strategy, state, torch.Generator().manual_seed(3))
-        new, _ = dp_fedavg(strategy, state, updates, None, config, expected_clients=2,
+        new, _ = dp_fedavg(strategy, state, updates, config, expected_clients=2,
                            generator=torch.Generator().manual_seed(7))
         released[name] = {m: x.dense() for m, x in new.lora.items()}
         assert torch.equal(new.extras["head"], state.extras["head"])

@@ -16,8 +16,7 @@ from rundirs import client_ids_in
 from fedlr.adapters import load_adapter
 from fedlr.client.app import app as client_app
 from fedlr.errors import ConfigError
-from fedlr.rounds import REJECTION_KINDS
-from fedlr.server.coordinator import sample_clients
+from fedlr.rounds import REJECTION_KINDS, sample_clients
 from fedlr.server.simulation import simulate
 from fedlr.simconfig import SimulationConfig
 
@@ -33,6 +32,7 @@ def release_norm(before, after) -> float:
     return math.sqrt(squares)
 
 
+@pytest.mark.e2e
 def test_without_noise_each_round_moves_the_global_adapter_by_at_most_the_clip_norm(tmp_path):
     clip = 1e-4  # far below what local training moves: every update is clipped
     config = SimulationConfig.load(None, {**TINY, "client_noise_multiplier": 0.0,
@@ -48,6 +48,7 @@ def test_without_noise_each_round_moves_the_global_adapter_by_at_most_the_clip_n
     assert 0 < change <= clip * (1 + 1e-5)
 
 
+@pytest.mark.e2e
 def test_client_level_epsilon_is_dp_accountings_and_no_file_names_a_client(tmp_path):
     """The accounted epsilon, and a client sample that stays secret: no file of the run names a
     client; counts and kinds of rejection only (every update is rejected here: far too large)."""
@@ -101,11 +102,14 @@ def test_a_clip_norm_without_noise_is_refused():
 
 
 def test_poisson_sampling_under_client_dp_draws_each_client_with_probability_q(tmp_path):
-    """The coordinator's draw: inclusion frequency q for every client, sizes that vary."""
+    """The round's draw as the coordinator calls it: inclusion frequency q for every client,
+    sizes that vary."""
     config = SimulationConfig.load(None, {**TINY, "num_clients": 10, "clients_per_round": 3,
                                           "client_noise_multiplier": 1.0, "client_clip_norm": 1.0,
                                           "out": str(tmp_path / "run")})
-    draws = [sample_clients(config, r) for r in range(4000)]
+    dp = config.client_dp_config()
+    draws = [sample_clients(config.client_ids(), config.sampled_per_round, r, seed=config.seed,
+                            private_sampling=dp.sampling) for r in range(4000)]
     counts = torch.tensor([[str(c) in d for c in range(10)] for d in draws], dtype=torch.float64)
     frequency = counts.mean(0)
     stderr = math.sqrt(0.3 * 0.7 / len(draws))

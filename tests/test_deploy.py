@@ -24,6 +24,8 @@ from fedlr.server.simulation import simulate
 from fedlr.session import data_session, data_source
 from fedlr.simconfig import SimulationConfig
 
+pytestmark = pytest.mark.e2e  # simulations, subprocesses and deployments
+
 SETTINGS = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[2, 4],
                 local_steps=2, batch_size=8, eval_examples=32, seed=11)
 

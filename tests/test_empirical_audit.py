@@ -53,11 +53,12 @@ class OneFixedBatch:
 # q = 21 / 1064 = 0.02 and sigma 1.5 over 110 steps: accounted at about 0.77 (delta 1e-6). One
 # fixed batch holds about q * 10000 / 2 = 100 included canaries, each drawn every step, whose
 # scores stand sqrt(110) / 1.5 = 7 noise deviations out: the truth is far above the claim.
-SAMPLER_AUDIT = dict(strategy="ffa", model="tiny", num_clients=3, rounds=1, ranks=[64],
+SAMPLER_AUDIT = dict(strategy="fedit", model="tiny", num_clients=3, rounds=1, ranks=[32],
                      local_steps=110, batch_size=21, lr=0.05, optimizer="sgd",
                      noise_multiplier=1.5, delta=1e-6, out="unused")
 
 
+@pytest.mark.e2e  # two audits of 110 DP-SGD steps with 10,000 canaries: minutes
 def test_a_broken_sampler_shows_in_the_audit_and_the_real_one_does_not(monkeypatch):
     config = SimulationConfig.load(None, SAMPLER_AUDIT)
     real = sample_level_audit(config, 10_000, seed=3)

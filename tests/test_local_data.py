@@ -11,8 +11,9 @@ import torch
 from fedlr.client.app import run_job
 from fedlr.data import load_local
 from fedlr.errors import ConfigError
+from fedlr.federation import Federation
 from fedlr.payload import adapter_payload
-from fedlr.server.coordinator import Coordinator, Federation
+from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
 from fedlr.simconfig import SimulationConfig
 

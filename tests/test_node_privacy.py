@@ -22,10 +22,11 @@ from fedlr.client.app import run_job
 from fedlr.client.training import DPPlan, LocalTrainer, PoissonBatches
 from fedlr.config import DPConfig
 from fedlr.errors import ConfigError
+from fedlr.federation import Federation
 from fedlr.node_privacy import NodeLimitError, NodeLimits, NodeState
 from fedlr.payload import Job, adapter_payload
 from fedlr.privacy import PrivacyLedger, opacus_epsilon, private_generator
-from fedlr.server.coordinator import Coordinator, Federation
+from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
 from fedlr.simconfig import SimulationConfig
 

@@ -20,10 +20,13 @@ from safetensors.torch import load_file
 
 from fedlr.adapters import load_adapter, load_delta_weights
 from fedlr.client.app import app as client_app
-from fedlr.server.coordinator import Coordinator, Federation
+from fedlr.federation import Federation
+from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
 from fedlr.server.simulation import simulate
 from fedlr.simconfig import SimulationConfig
+
+pytestmark = pytest.mark.e2e  # simulations, subprocesses and deployments
 
 METRIC_KEYS = {"round", "num_clients", "train_loss", "eval_loss", "eval_accuracy",
                "aggregation_residual", "bytes_up", "bytes_down", "seconds", "rejected"}
@@ -457,31 +460,6 @@ def test_an_existing_run_directory_is_never_overwritten(tmp_path):
     assert proc.returncode == 2 and "already exists" in err and "Traceback" not in err
     assert (out / "metrics.jsonl").read_text() == "precious\n"
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
-
-
-def test_the_flwr_run_config_shipped_in_pyproject_is_a_valid_run():
-    import tomllib
-
-    from fedlr.server.app import config_from_run_config
-
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    flwr = pyproject["tool"]["flwr"]["app"]
-    assert flwr["components"] == {"serverapp": "fedlr.server.app:app",
-                                  "clientapp": "fedlr.client.app:app"}
-    config, resume = config_from_run_config(flwr["config"])
-    assert not resume
-    assert config.ranks == [4, 8, 16] and config.clients_per_round is None
-    assert config.out.startswith("runs/ffa-")
-    assert config.sampled_per_round == config.num_clients == 8
-
-
-@pytest.mark.parametrize(
-    "scenario", sorted((Path(__file__).parents[1] / "simulations").glob("*.toml")),
-    ids=lambda p: p.name,
-)
-def test_every_shipped_scenario_is_a_valid_configuration(scenario):
-    config = SimulationConfig.load(scenario, {})
-    assert config.rounds >= 1 and config.num_clients >= config.sampled_per_round
 
 
 def test_flwr_run_serves_the_same_apps_and_run_directory(tmp_path):

@@ -1,52 +1,52 @@
 """LoRA-aware aggregation strategies as plain torch functions (no Flower import).
 
 `make_strategy(name, spec, **options)` is the one entry point; see each module for the algorithm.
+The names and traits (`fedlr.strategies.traits`) load without torch, so settings are checked
+before any heavy import; everything else loads on first use.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from fedlr.config import STRATEGY_NAMES
-from fedlr.errors import ConfigError
-from fedlr.strategies.base import (
-    AggregationReport,
-    ClientUpdate,
-    FederationSpec,
-    GlobalState,
-    ModuleShape,
-    Strategy,
-)
-from fedlr.strategies.fair import LoRAFAIR
-from fedlr.strategies.fedit import FedIT
-from fedlr.strategies.fedsvd import FedSVD
-from fedlr.strategies.ffa import FFALoRA
-from fedlr.strategies.flora import FLoRA
+from fedlr.strategies.traits import STRATEGY_NAMES, TRAITS, StrategyTraits, strategy_traits
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedIT, FLoRA, FFALoRA, FedSVD, LoRAFAIR)
+if TYPE_CHECKING:
+    from fedlr.strategies.base import (
+        AggregationReport,
+        ClientUpdate,
+        FederationSpec,
+        GlobalState,
+        ModuleShape,
+        Strategy,
+    )
+    from fedlr.strategies.registry import STRATEGIES, make_strategy
+
+_WHERE = {
+    **dict.fromkeys(("AggregationReport", "ClientUpdate", "FederationSpec", "GlobalState",
+                     "ModuleShape", "Strategy"), "fedlr.strategies.base"),
+    **dict.fromkeys(("STRATEGIES", "make_strategy"), "fedlr.strategies.registry"),
 }
-if tuple(STRATEGIES) != STRATEGY_NAMES:  # the settings check names without importing torch
-    raise ImportError(f"fedlr.config.STRATEGY_NAMES {STRATEGY_NAMES} must list {tuple(STRATEGIES)}")
 
 
-def make_strategy(name: str, spec: FederationSpec, **options: Any) -> Strategy:
-    """Build a strategy by name; unknown names and options fail here, before any round runs."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
-    try:
-        return STRATEGIES[name](spec, **options)
-    except TypeError as exc:
-        raise ConfigError(f"strategy {name!r}: {exc}") from exc
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fedlr.strategies' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
 
 
 __all__ = [
     "STRATEGIES",
+    "STRATEGY_NAMES",
+    "TRAITS",
     "AggregationReport",
     "ClientUpdate",
     "FederationSpec",
     "GlobalState",
     "ModuleShape",
     "Strategy",
+    "StrategyTraits",
     "make_strategy",
+    "strategy_traits",
 ]

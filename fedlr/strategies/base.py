@@ -23,12 +23,10 @@ from fedlr.config import HEAD_MODES, HETERO_METHODS
 from fedlr.errors import ConfigError
 from fedlr.lowrank import (
     LowRank,
-    concat,
-    dense_is_cheaper,
-    difference_norm,
     frobenius_norm,
     kaiming_uniform_a,
 )
+from fedlr.strategies.traits import StrategyTraits
 
 
 @dataclass(frozen=True)
@@ -80,9 +78,12 @@ class FederationSpec:
 
 @dataclass(frozen=True)
 class ClientUpdate:
+    """A client's trained adapter; `start`, once validated, is the adapter it trained from."""
+
     client_id: str
     adapter: Adapter
     num_examples: int
+    start: Adapter | None = None
 
     def effective(self) -> dict[str, LowRank]:
         return {name: f.effective() for name, f in self.adapter.lora.items()}
@@ -142,108 +143,6 @@ class AggregationReport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
-    """p_k = n_k / sum n: FedAvg's example-count weighting."""
-    total = sum(u.num_examples for u in updates)
-    return [u.num_examples / total for u in updates]
-
-
-def stack(
-    effective: Sequence[Mapping[str, LowRank]], weights: Sequence[float], name: str
-) -> LowRank:
-    """[p_1 B_1 ... p_K B_K] over [A_1; ...; A_K]: sum_k p_k dW_k exactly, for any ranks."""
-    terms = [e[name] for e in effective]
-    stacked = concat(terms)
-    ranks = torch.tensor([t.rank for t in terms])
-    column_weights = torch.repeat_interleave(torch.tensor(weights, dtype=stacked.B.dtype), ranks)
-    stacked.B.mul_(column_weights)  # in place on the fresh concatenation: one pass, no copies
-    return stacked
-
-
-class IdealUpdate:
-    """dW* = sum_k p_k dW_k of one module, exact, as stacked factors.
-
-    Distances to it are what every residual needs. The dense d_out x d_in product is formed once,
-    and only where that is cheaper than the QR route on the stacked factors (many clients).
-    """
-
-    def __init__(self, stacked: LowRank, shared: bool = False) -> None:
-        self.stacked = stacked
-        self.shared = shared  # dW* is the aggregate itself: a zero distance by construction
-        d_out, d_in = stacked.shape
-        self._dense = stacked.dense() if dense_is_cheaper(d_out, d_in, stacked.rank) else None
-        self.norm = (
-            float(torch.linalg.matrix_norm(self._dense))
-            if self._dense is not None
-            else frobenius_norm(stacked)
-        )
-
-    @classmethod
-    def of(
-        cls, effective: Sequence[Mapping[str, LowRank]], weights: Sequence[float], name: str
-    ) -> IdealUpdate:
-        return cls(stack(effective, weights, name))
-
-    @classmethod
-    def over_shared_a(
-        cls,
-        effective: Sequence[Mapping[str, LowRank]],
-        weights: Sequence[float],
-        name: str,
-        shared: LowRank,
-    ) -> IdealUpdate:
-        """dW* where clients trained B against leading rows of one A (FFA-LoRA, FedSVD), given
-        `shared` = (sum_k p_k pad(B_k), A): then sum_k p_k B_k A[:r_k] = shared exactly, without
-        stacking. Falls back to stacking if any client's A is not those rows."""
-        if all(torch.equal(e[name].A, shared.A[: e[name].rank]) for e in effective):
-            return cls(shared, shared=True)
-        return cls.of(effective, weights, name)
-
-    def distance(self, x: LowRank) -> float:
-        """||x - dW*||_F."""
-        if self._dense is not None:
-            return float(torch.linalg.matrix_norm(x.dense() - self._dense))
-        return difference_norm(x, self.stacked)
-
-
-def weighted_padded_b(factors: Sequence[LowRank], weights: Sequence[float], rank: int) -> Tensor:
-    """sum_k p_k pad(B_k) at `rank`, all that the strategies with a frozen A average."""
-    B = factors[0].B.new_zeros(factors[0].B.shape[0], rank)
-    for x, p in zip(factors, weights, strict=True):
-        B[:, : x.rank].add_(x.B, alpha=p)
-    return B
-
-
-def norm_weights(factors: Sequence[LowRank], fallback: Sequence[float]) -> list[float]:
-    """HetLoRA's sparsity-weighted aggregation (Cho et al. 2024): p_k proportional to
-    ||B_k A_k||_F, so a client whose update is small (pruned, or barely trained) counts less;
-    `fallback` when every update is zero."""
-    norms = [frobenius_norm(x) for x in factors]
-    total = sum(norms)
-    return [n / total for n in norms] if total > 0 else list(fallback)
-
-
-def hetlora_average(previous: LowRank, factors: Sequence[LowRank], weights: Sequence[float]
-                    ) -> LowRank:
-    """FedIT's average of A and B at `previous`'s rank, one rank component at a time: component
-    j is the weighted mean over the clients that hold it (rank > j), weights renormalised among
-    them; a component none of them holds keeps `previous`'s value. With equal ranks this is
-    sum_k p_k A_k, sum_k p_k B_k. (Plain zero padding would shrink the tail by the share of
-    clients that hold it, and zero it, for good, in a round where only smaller ranks report.)"""
-    rank = previous.rank
-    A, B = torch.zeros_like(previous.A), torch.zeros_like(previous.B)
-    held = torch.zeros(rank, dtype=previous.A.dtype, device=previous.A.device)
-    for x, p in zip(factors, weights, strict=True):
-        A[: x.rank].add_(x.A, alpha=p)
-        B[:, : x.rank].add_(x.B, alpha=p)
-        held[: x.rank] += p
-    kept = held == 0
-    share = torch.where(kept, torch.ones_like(held), held)
-    A, B = A / share[:, None], B / share
-    A[kept], B[:, kept] = previous.A[kept], previous.B[:, kept]
-    return LowRank(B, A)
-
-
 def residual_summary(
     terms: Mapping[str, tuple[float, float]],
 ) -> tuple[float, float, dict[str, float]]:
@@ -259,11 +158,12 @@ def residual_summary(
 
 
 class Strategy(ABC):
-    """One aggregation algorithm. Subclasses implement `aggregate`; most reuse the rest."""
+    """One aggregation algorithm. Subclasses implement `aggregate`; most reuse the rest. What
+    differs between strategies outside aggregation is a method or trait here, never a test of the
+    strategy's name elsewhere."""
 
-    name: ClassVar[str]
-    trains_a: ClassVar[bool] = True
-    default_head: ClassVar[str] = "train"
+    traits: ClassVar[StrategyTraits]
+    every_round_released: ClassVar[bool] = False  # a round with no valid update still releases
 
     def __init__(
         self,
@@ -281,6 +181,23 @@ class Strategy(ABC):
         if head not in HEAD_MODES:
             raise ConfigError(f"unknown head mode {head!r}; choose one of {HEAD_MODES}")
         self.spec, self.hetero, self.head, self.seed = spec, hetero, head, seed
+
+    @property
+    def name(self) -> str:
+        return self.traits.name
+
+    @property
+    def trains_a(self) -> bool:
+        return self.traits.trains_a
+
+    @property
+    def default_head(self) -> str:
+        return self.traits.default_head
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether clients train (and the server averages) the tensors outside LoRA."""
+        return self.head == "train" and bool(self.spec.extras)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -301,6 +218,30 @@ class Strategy(ABC):
         """A round in which no valid update arrived: the same adapter, one round later."""
         return GlobalState(round=state.round + 1, lora=dict(state.lora),
                            extras=dict(state.extras), history=list(state.history))
+
+    def round_release(self, state: GlobalState) -> dict[str, LowRank]:
+        """What a round publishes as its global adapter (dW = B A): the global LoRA."""
+        return dict(state.lora)
+
+    def global_update(self, state: GlobalState) -> dict[str, LowRank]:
+        """The whole update to the base so far, exactly: the global LoRA."""
+        return dict(state.lora)
+
+    def export_lora(self, state: GlobalState, export_rank: int | None
+                    ) -> tuple[dict[str, LoraFactors], dict[str, Any]]:
+        """The run's final LoRA in PEFT's scaling, at the federation's largest rank, and facts
+        about it (`export_rank` only applies to strategies whose update outgrows that rank)."""
+        rank = self.spec.max_rank
+        scaling = self.spec.scaling(rank)
+        return {name: LoraFactors.from_effective(x, scaling) for name, x in state.lora.items()}, {}
+
+    def after_noise(self, x: LowRank) -> LowRank:
+        """Post-processing of a privatised global module (client-level DP): none."""
+        return x
+
+    def audited_form(self) -> Strategy:
+        """The strategy whose release an empirical client-level audit measures: this one."""
+        return self
 
     # -- downlink ------------------------------------------------------------------------------
 
@@ -342,7 +283,7 @@ class Strategy(ABC):
         self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
     ) -> dict[str, Tensor]:
         """FedAvg of trainable tensors outside LoRA, or the state's own when the head is frozen."""
-        if self.head == "freeze" or not updates[0].adapter.extras:
+        if not self.trains_head or not updates[0].adapter.extras:
             return dict(state.extras)
         out = {}
         for name in updates[0].adapter.extras:

@@ -27,17 +27,16 @@ from torch import Tensor
 
 from fedlr.errors import ConfigError
 from fedlr.lowrank import LowRank, svd
+from fedlr.strategies.averaging import IdealUpdate, client_weights, hetlora_average
 from fedlr.strategies.base import (
     AggregationReport,
     ClientUpdate,
     FederationSpec,
     GlobalState,
-    IdealUpdate,
     Strategy,
-    client_weights,
-    hetlora_average,
     residual_summary,
 )
+from fedlr.strategies.traits import TRAITS
 
 OBJECTIVES = ("cosine", "frobenius")
 
@@ -108,7 +107,7 @@ def solve_frobenius(problem: CorrectionProblem) -> Tensor:
 
 
 class LoRAFAIR(Strategy):
-    name = "fair"
+    traits = TRAITS["fair"]
 
     def __init__(
         self,

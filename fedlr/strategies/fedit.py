@@ -19,20 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedlr.lowrank import svd
-from fedlr.strategies.base import (
-    AggregationReport,
-    ClientUpdate,
-    GlobalState,
-    IdealUpdate,
-    Strategy,
-    client_weights,
-    hetlora_average,
-    norm_weights,
-)
+from fedlr.strategies.averaging import IdealUpdate, client_weights, hetlora_average, norm_weights
+from fedlr.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
+from fedlr.strategies.traits import TRAITS
 
 
 class FedIT(Strategy):
-    name = "fedit"
+    traits = TRAITS["fedit"]
 
     def aggregate(
         self, state: GlobalState, updates: Sequence[ClientUpdate]

@@ -15,21 +15,22 @@ from collections.abc import Sequence
 import torch
 
 from fedlr.lowrank import LowRank, svd
-from fedlr.strategies.base import (
-    AggregationReport,
-    ClientUpdate,
-    GlobalState,
-    IdealUpdate,
-    Strategy,
-    client_weights,
-    weighted_padded_b,
-)
+from fedlr.strategies.averaging import IdealUpdate, client_weights, weighted_padded_b
+from fedlr.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
+from fedlr.strategies.ffa import FFALoRA
+from fedlr.strategies.traits import TRAITS
 
 
 class FedSVD(Strategy):
-    name = "fedsvd"
-    trains_a = False
-    default_head = "freeze"
+    traits = TRAITS["fedsvd"]
+
+    def after_noise(self, x: LowRank) -> LowRank:
+        """The SVD of a privatised module too: post-processing, free under client-level DP."""
+        return svd(x).top(x.rank)
+
+    def audited_form(self) -> Strategy:
+        """FFA-LoRA's release, of which FedSVD's SVD is post-processing."""
+        return FFALoRA(self.spec, hetero=self.hetero, head=self.head, seed=self.seed)
 
     def aggregate(
         self, state: GlobalState, updates: Sequence[ClientUpdate]

@@ -14,15 +14,9 @@ from collections.abc import Sequence
 import torch
 
 from fedlr.lowrank import LowRank
-from fedlr.strategies.base import (
-    AggregationReport,
-    ClientUpdate,
-    GlobalState,
-    IdealUpdate,
-    Strategy,
-    client_weights,
-    weighted_padded_b,
-)
+from fedlr.strategies.averaging import IdealUpdate, client_weights, weighted_padded_b
+from fedlr.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
+from fedlr.strategies.traits import TRAITS
 
 
 def fit_b_to_rows(global_update: LowRank, rank: int) -> LowRank:
@@ -34,8 +28,7 @@ def fit_b_to_rows(global_update: LowRank, rank: int) -> LowRank:
 
 
 class FFALoRA(Strategy):
-    name = "ffa"
-    trains_a = False
+    traits = TRAITS["ffa"]
 
     def fit_to_rank(self, global_update: LowRank, rank: int) -> LowRank:
         if self.hetero == "flexlora":

@@ -10,19 +10,15 @@ exact forms: the stacked factors or one dense dW.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from fedlr.adapters import Adapter, BaseDelta
+from fedlr.adapters import Adapter, BaseDelta, LoraFactors
 from fedlr.lowrank import LowRank, concat, svd
-from fedlr.strategies.base import (
-    AggregationReport,
-    ClientUpdate,
-    GlobalState,
-    Strategy,
-    client_weights,
-    stack,
-)
+from fedlr.strategies.averaging import client_weights, stack
+from fedlr.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
+from fedlr.strategies.traits import TRAITS
 
 
 def cheapest_exact(x: LowRank) -> BaseDelta:
@@ -32,7 +28,7 @@ def cheapest_exact(x: LowRank) -> BaseDelta:
 
 
 class FLoRA(Strategy):
-    name = "flora"
+    traits = TRAITS["flora"]
 
     def init_state(self, extras=None) -> GlobalState:
         """Nothing merged yet: clients initialise their own fresh LoRA each round."""
@@ -66,6 +62,30 @@ class FLoRA(Strategy):
             factored = svd(x)
             out[name], energy[name] = factored.top(rank), factored.energy(rank)
         return out, energy
+
+    def round_release(self, state: GlobalState) -> dict[str, LowRank]:
+        """The round's exact stacked update (what was merged into the base)."""
+        return dict(state.history[-1])
+
+    def global_update(self, state: GlobalState) -> dict[str, LowRank]:
+        return self.cumulative(state)
+
+    def export_lora(self, state: GlobalState, export_rank: int | None
+                    ) -> tuple[dict[str, LoraFactors], dict[str, Any]]:
+        """The exact cumulative update of all rounds as one LoRA of the stacked rank (scaling 1),
+        re-factored exactly by an SVD where that rank exceeds min(d_out, d_in) (no exact LoRA
+        needs more); or, with `export_rank`, its best rank-`export_rank` approximation and the
+        energy each module keeps."""
+        info: dict[str, Any] = {}
+        if export_rank is not None:
+            source, info["energy_kept"] = self.compressed(state, export_rank)
+        else:
+            source = self.cumulative(state)
+            capped = {name: min(x.shape) for name, x in source.items() if x.rank > min(x.shape)}
+            source = {name: svd(x).top(capped[name]) if name in capped else x
+                      for name, x in source.items()}
+            info["refactored_exactly"] = sorted(capped)
+        return {name: LoraFactors(x.A, x.B, 1.0) for name, x in source.items()}, info
 
     def downlink(self, state: GlobalState, client_id: str, since_round: int = 0) -> Adapter:
         """The update to merge into the client's base since it last synced (round `since_round`)."""
