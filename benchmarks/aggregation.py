@@ -23,8 +23,14 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlr.adapters import Adapter, LoraFactors
-from fedlr.lowrank import LowRank, svd
-from fedlr.strategies import STRATEGIES, ClientUpdate, FederationSpec, ModuleShape, make_strategy
+from fedlr.lora.lowrank import LowRank, svd
+from fedlr.lora.strategies import (
+    STRATEGIES,
+    ClientUpdate,
+    FederationSpec,
+    ModuleShape,
+    make_strategy,
+)
 
 RESULTS = Path(__file__).parent / "results" / "aggregation.json"
 

@@ -32,13 +32,13 @@ MODES = ("non-private", "dp-hooks", "dp-ghost", "dp-fused")
 
 def worker(mode: str, device: str, args: argparse.Namespace) -> dict:
     """Run in a fresh process: load, warm up, time N steps, report peaks."""
-    from fedlr.batches import encode
     from fedlr.client.training import LocalTrainer, ShuffledBatches
-    from fedlr.config import DPConfig, ModelSpec, TrainConfig
-    from fedlr.data import load_data
-    from fedlr.models import LoraHost, default_targets, load_base_model, load_tokenizer
-    from fedlr.privacy import PrivacyLedger
-    from fedlr.strategies import FederationSpec, make_strategy
+    from fedlr.data.batches import encode
+    from fedlr.data.sources import load_data
+    from fedlr.lora.strategies import FederationSpec, make_strategy
+    from fedlr.models.hosts import LoraHost, default_targets, load_base_model, load_tokenizer
+    from fedlr.privacy.sample_level import PrivacyLedger
+    from fedlr.settings.specs import DPConfig, ModelSpec, TrainConfig
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     data = load_data("stdlib-docs")

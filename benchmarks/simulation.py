@@ -51,7 +51,7 @@ class TreeRSS:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """The run both sides perform, as `fedlr.simconfig.SimulationConfig` fields."""
+    """The run both sides perform, as `fedlr.settings.schema.SimulationConfig` fields."""
     return {"model": "tiny", "strategy": "ffa", "num_clients": args.clients, "rounds": args.rounds,
             "ranks": [4, 8], "local_steps": args.local_steps, "batch_size": 8, "seed": 0}
 
@@ -76,21 +76,29 @@ def run_simulation(args: argparse.Namespace, out: Path) -> dict:
 
 
 def plain_loop(args: argparse.Namespace) -> dict:
-    """The same clients' local training, one after another in this process, no Flower."""
+    """The same rounds (the core's plan, the clients' local training one after another, the
+    core's close) in this process, no Flower."""
     from fedlr.client.training import LocalTrainer
     from fedlr.federation import Federation
-    from fedlr.simconfig import SimulationConfig
+    from fedlr.lora.rounds import close_round, plan_round
+    from fedlr.lora.strategies import ClientUpdate
+    from fedlr.settings.schema import SimulationConfig
 
     config = SimulationConfig.load(None, settings(args))
     fed = Federation.build(config)
     trainer = LocalTrainer(fed.model.host, config.train_config())
-    state = fed.strategy.init_state(fed.model.host.initial_head)
+    strategy = fed.strategy
+    state = strategy.init_state(fed.model.host.initial_head)
     start = time.perf_counter()
     for round_ in range(1, config.rounds + 1):
-        for client in config.client_ids():
-            trainer.train(client, fed.strategy.downlink(state, client),
-                          fed.data.shard(int(client)), rank=fed.strategy.spec.ranks[client],
-                          train_a=fed.strategy.trains_a, seed=round_ * 10_007 + int(client))
+        plan = plan_round(strategy, state, config.client_ids())
+        updates = []
+        for client, downlink in plan.downlinks.items():
+            result = trainer.train(client, downlink, fed.data.shard(int(client)),
+                                   rank=strategy.spec.ranks[client], train_a=strategy.trains_a,
+                                   seed=round_ * 10_007 + int(client))
+            updates.append(ClientUpdate(client, result.adapter, result.num_examples))
+        state = close_round(strategy, state, plan, updates).state
     return {"training_seconds": time.perf_counter() - start}
 
 

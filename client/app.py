@@ -1,30 +1,28 @@
 """The Flower ClientApp: one round of local training per `train` message.
 
-Everything a client needs to train arrives in the message (see `fedlr.payload.Job`), and the
+Everything a client needs to train arrives in the message (see `fedlr.wire`), and the
 frozen base and the tokenised data are loaded once per process (`fedlr.session`), so one app serves
 both a simulation of hundreds of virtual clients and a deployed edge machine. What protects the
 node's data does not come from the server: its privacy ledger and limits are the node's own
-(`fedlr.node_privacy`, set by `fedlr client`), and DP's random draws come from its OS entropy.
+(`fedlr.privacy.node`, set by `fedlr client`), and DP's random draws come from its OS entropy.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlr.adapters import adapter_from_tensors
+from fedlr.adapters import Adapter
 from fedlr.client.training import LocalTrainer
 from fedlr.errors import FedlrError
-from fedlr.models import resolve_device
-from fedlr.node_privacy import SIMULATED_NODES_ENV, NodeLimits, NodeState
-from fedlr.payload import Job, adapter_payload
+from fedlr.models.hosts import resolve_device
+from fedlr.privacy.node import SIMULATED_NODES_ENV, NodeLimits, NodeState
 from fedlr.session import data_session, local_shard, model_session
+from fedlr.wire import Job, Parts, Refusal, TrainJob, TrainReply
 
 app = ClientApp()
 
@@ -40,12 +38,11 @@ def node_privacy(node_config: dict[str, Any]) -> tuple[NodeState, NodeLimits]:
         node_config)
 
 
-def run_job(job: Job, downlink: dict[str, torch.Tensor], local_data: str | None = None,
-            state: NodeState | None = None, limits: NodeLimits | None = None) -> RecordDict:
+def run_job(job: Job, downlink: Adapter, local_data: str | None = None,
+            state: NodeState | None = None, limits: NodeLimits | None = None) -> TrainReply:
     """Train as the job says, on this node's own file if it has one (else on its partition of
-    the run's dataset), within the node's limits, and package the reply: the trained factors
-    (B alone when A is frozen), the head, the example count and metrics, and the node's ledger,
-    persisted before the reply leaves."""
+    the run's dataset), within the node's limits: the trained adapter, the example count and
+    metrics, and the node's ledger, persisted before the reply leaves."""
     model = job.model_spec()
     session = model_session(model, job.alpha, job.train["device"])
     spec = job.data_spec()
@@ -53,7 +50,6 @@ def run_job(job: Job, downlink: dict[str, torch.Tensor], local_data: str | None 
         examples = local_shard(local_data, spec.task, tuple(job.labels), model, spec.max_length)
     else:
         examples = data_session(spec, model).shard(int(job.client_id))
-    start = adapter_from_tensors(downlink, job.scalings)
     config = job.train_config()
     ledger = None
     state = state or NodeState(None)
@@ -61,7 +57,7 @@ def run_job(job: Job, downlink: dict[str, torch.Tensor], local_data: str | None 
         ledger = state.ledger(job.ledger, config.dp.accountant, job.client_id)
     result = LocalTrainer(session.host, config).train(
         job.client_id,
-        start,
+        downlink,
         examples,
         rank=job.rank,
         train_a=job.train_a,
@@ -72,35 +68,27 @@ def run_job(job: Job, downlink: dict[str, torch.Tensor], local_data: str | None 
     )
     if ledger is not None:
         state.save(ledger)  # before the reply: every round the server sees is counted
-    trained, scalings = adapter_payload(result.adapter)
-    flat = {k: t for k, t in trained.items() if job.train_a or not k.startswith("lora_A::")}
     numbers = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
-    info = {
-        "client_id": job.client_id,
-        "scalings": json.dumps(scalings),
-        "ledger": json.dumps(ledger.to_dict()) if ledger is not None else "",
-        "grad_sample_mode": str(result.metrics.get("grad_sample_mode", "")),
-    }
-    return RecordDict(
-        {
-            "adapter": ArrayRecord(torch_state_dict=flat),
-            "metrics": MetricRecord({"num-examples": result.num_examples, **numbers}),
-            "info": ConfigRecord(info),
-        }
-    )
+    return TrainReply(job.client_id, result.adapter, result.num_examples, numbers, ledger)
+
+
+def records(parts: Parts) -> RecordDict:
+    """Parts as Flower carries them (the server unwraps them the same way)."""
+    return RecordDict({"arrays": ArrayRecord(torch_state_dict=parts.arrays),
+                       "fields": ConfigRecord(parts.fields)})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    job = Job.from_json(str(msg.content["config"]["job"]))
-    downlink = msg.content["adapter"].to_torch_state_dict()
+    down = TrainJob.from_parts(Parts(msg.content["arrays"].to_torch_state_dict(),
+                                     dict(msg.content["fields"])))
     try:
         state, limits = node_privacy(dict(context.node_config))
-        content = run_job(job, downlink, context.node_config.get("data-path"), state, limits)
+        reply = run_job(down.job, down.downlink, context.node_config.get("data-path"), state,
+                        limits).to_parts(train_a=down.job.train_a)
     except FedlrError as exc:  # a refusal (budget, bad local data): the server logs the reason
-        content = RecordDict({"info": ConfigRecord({"client_id": job.client_id,
-                                                    "refused": str(exc)})})
-    return Message(content=content, reply_to=msg)
+        reply = Refusal(down.job.client_id, str(exc)).to_parts()
+    return Message(content=records(reply), reply_to=msg)
 
 
 @app.query()

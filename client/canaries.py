@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fedlr.errors import ConfigError
 from fedlr.kernels import per_sample_norms
-from fedlr.privacy import private_generator
+from fedlr.privacy.sample_level import private_generator
 
 
 @dataclass

@@ -16,13 +16,13 @@ from dataclasses import replace
 from typing import Any
 
 from fedlr.adapters import Adapter
-from fedlr.audit_bounds import best_one_run_bound, canary_report
 from fedlr.client.canaries import GradientCanaries
 from fedlr.client.training import LocalTrainer
 from fedlr.errors import ConfigError
 from fedlr.federation import Federation
-from fedlr.privacy import PrivacyLedger
-from fedlr.simconfig import SimulationConfig
+from fedlr.privacy.bounds import best_one_run_bound, canary_report
+from fedlr.privacy.sample_level import PrivacyLedger
+from fedlr.settings.schema import SimulationConfig
 
 THREAT_MODEL = ("white-box: the auditor chooses each canary's gradient (C at one coordinate of "
                 "the trainable LoRA/head tensors), knows every real example, and sees the "

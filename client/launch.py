@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedlr.errors import ConfigError
-from fedlr.node_privacy import NodeLimits, NodeState
+from fedlr.privacy.node import NodeLimits, NodeState
 
 
 def supernode_argv(

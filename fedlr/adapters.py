@@ -14,9 +14,7 @@ Files are safetensors with the fedlr metadata as JSON under the key "fedlr", wri
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from fedlr.atomic import atomic_write
 from fedlr.errors import AdapterFileError
-from fedlr.lowrank import LowRank
+from fedlr.lora.lowrank import LowRank
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -95,22 +94,6 @@ class Adapter:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapter(adapter: Adapter, path: str | Path) -> None:

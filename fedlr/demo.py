@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fedlr.adapters import Adapter, LoraFactors, atomic_write
-from fedlr.lowrank import kaiming_uniform_a
-from fedlr.model_sources import minilm_path
-from fedlr.models import skeleton, target_module_shapes
-from fedlr.rounds import close_round, plan_round, sample_clients
-from fedlr.strategies import STRATEGIES, ClientUpdate, FederationSpec, Strategy, make_strategy
-from fedlr.validation import ValidationPolicy
+from fedlr.adapters import Adapter, LoraFactors
+from fedlr.atomic import atomic_write
+from fedlr.lora.lowrank import kaiming_uniform_a
+from fedlr.lora.rounds import close_round, plan_round, sample_clients
+from fedlr.lora.strategies import STRATEGIES, ClientUpdate, FederationSpec, Strategy, make_strategy
+from fedlr.lora.validation import ValidationPolicy
+from fedlr.models.hosts import skeleton, target_module_shapes
+from fedlr.models.sources import minilm_path
 
 
 @dataclass

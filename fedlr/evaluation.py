@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fedlr.batches import Encoded, sequence_token_losses, token_counts
+from fedlr.data.batches import Encoded, sequence_token_losses, token_counts
 
 
 @torch.no_grad()

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlr.client_dp import DPFedAvg
-from fedlr.config import DataSpec
-from fedlr.privacy import private_generator
+from fedlr.lora.strategies import FederationSpec, Strategy, make_strategy
+from fedlr.privacy.client_level import DPFedAvg
+from fedlr.privacy.sample_level import private_generator
 from fedlr.session import DataSession, ModelSession, data_session, data_source, model_session
-from fedlr.simconfig import SimulationConfig
-from fedlr.strategies import FederationSpec, Strategy, make_strategy
+from fedlr.settings.schema import SimulationConfig
+from fedlr.settings.specs import DataSpec
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from fedlr.config import ModelSpec
 from fedlr.errors import AdapterFileError
-from fedlr.models import load_base_model, load_tokenizer
+from fedlr.models.hosts import load_base_model, load_tokenizer
+from fedlr.settings.specs import ModelSpec
 
 
 @dataclass

@@ -12,10 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlr.batches import Encoded, encode
-from fedlr.config import DataSpec
-from fedlr.data import TextData, evaluation_subset, load_data, load_local, partition
-from fedlr.models import (
+from fedlr.data.batches import Encoded, encode
+from fedlr.data.sources import TextData, evaluation_subset, load_data, load_local, partition
+from fedlr.models.hosts import (
     LoraHost,
     ModelSpec,
     default_targets,
@@ -23,6 +22,7 @@ from fedlr.models import (
     load_tokenizer,
     resolve_device,
 )
+from fedlr.settings.specs import DataSpec
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The Flower ServerApp for `flwr run`: the same coordinator and run directory as `fedlr simulate`.
 
 Settings come from the run config (`[tool.flwr.app.config]` in pyproject.toml, or
-`flwr run --run-config "key=value ..."`): the names of `fedlr.simconfig.SimulationConfig` with
+`flwr run --run-config "key=value ..."`): the names of `fedlr.settings.schema.SimulationConfig` with
 dashes or underscores; `ranks` and `targets` as comma-separated strings, since Flower's run config
 holds scalars only; `resume = true` continues the run in `out`.
 """
@@ -9,35 +9,25 @@ holds scalars only; `resume = true` continues the run in `out`.
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlr.errors import ConfigError
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.simulation import finish, open_run
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
+from fedlr.settings.text import SETTINGS, from_text
 
 app = ServerApp()
-LISTS = {"ranks": int, "targets": str}
-OPTIONAL = [f.name for f in fields(SimulationConfig) if f.default is None]  # unset: None
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[SimulationConfig, bool]:
     values = {key.replace("-", "_"): value for key, value in run_config.items()}
     resume = bool(values.pop("resume", False))
-    for key, kind in LISTS.items():
-        if isinstance(values.get(key), str):
-            try:
-                values[key] = [kind(x.strip()) for x in values[key].split(",") if x.strip()]
-            except ValueError:
-                raise ConfigError(f"{key} must be comma-separated, got {values[key]!r}") from None
-    for key in OPTIONAL:
-        if values.get(key) in ("", "none", "None"):  # a scalar-only config spells "unset" so
-            values[key] = None
-    return SimulationConfig.load(None, values), resume
+    typed = {key: from_text(SETTINGS[key], value) if key in SETTINGS else value
+             for key, value in values.items()}  # unknown names: the schema says which
+    return SimulationConfig.load(None, typed), resume
 
 
 def show_fedlr_log() -> None:

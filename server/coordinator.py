@@ -1,4 +1,4 @@
-"""The round loop on Flower's Grid: the core plans each round (`fedlr.rounds`), this module
+"""The round loop on Flower's Grid: the core plans each round (`fedlr.lora.rounds`), this module
 sends each client its own downlink and brings the replies back, the core closes the round, and
 this module evaluates and writes the run directory.
 
@@ -8,8 +8,6 @@ FLoRA base updates, privacy ledgers), validation with reasons, and resume from a
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 import time
@@ -21,30 +19,25 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedlr.adapters import Adapter, LoraFactors, adapter_from_tensors, load_into_peft_model
-from fedlr.client_dp import (
-    client_level_description,
-    client_level_epsilon,
-    published_sample_epsilon,
-)
+from fedlr.adapters import Adapter, LoraFactors, load_into_peft_model
 from fedlr.evaluation import evaluate
 from fedlr.federation import Federation
-from fedlr.payload import Job, adapter_payload, job_settings
-from fedlr.privacy import PrivacyLedger, opacus_epsilon
-from fedlr.rounds import Rejection, close_round, plan_round, sample_clients
+from fedlr.lora.rounds import Rejection, close_round, plan_round, sample_clients
+from fedlr.lora.strategies import GlobalState
+from fedlr.lora.strategies.base import ClientUpdate
+from fedlr.lora.validation import ValidationPolicy
+from fedlr.privacy.report import RunPrivacy
 from fedlr.server.nodes import NodeDirectory
-from fedlr.server.rundir import RunDir, write_json
-from fedlr.strategies import GlobalState
-from fedlr.strategies.base import ClientUpdate
-from fedlr.validation import ValidationPolicy
+from fedlr.server.rundir import RunDir
+from fedlr.wire import Job, Parts, Refusal, TrainJob, WireError, job_settings, reply_from_parts
 
 log = logging.getLogger("fedlr")
 
 
-@functools.lru_cache(maxsize=4096)
-def history_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
-                    accountant: str) -> float:
-    return opacus_epsilon(history, delta, accountant)
+def records(parts: Parts) -> RecordDict:
+    """Parts as Flower carries them (the ClientApp unwraps them the same way)."""
+    return RecordDict({"arrays": ArrayRecord(torch_state_dict=parts.arrays),
+                       "fields": ConfigRecord(parts.fields)})
 
 
 @dataclass
@@ -52,8 +45,10 @@ class Coordinator:
     fed: Federation
     run: RunDir
     on_round: Callable[[dict[str, Any]], None] = lambda record: None
-    ledgers: dict[str, PrivacyLedger] = field(default_factory=dict)  # as the clients report
-    client_rounds: dict[str, int] = field(default_factory=dict)  # published ids: rounds joined
+    privacy: RunPrivacy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.privacy = RunPrivacy(self.fed.config)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -66,8 +61,7 @@ class Coordinator:
                 self.run.discard_after(0)
             return self.fed.strategy.init_state(self.fed.model.host.initial_head)
         tensors, info = checkpoint
-        self.ledgers = {c: PrivacyLedger.from_dict(d) for c, d in info["ledgers"].items()}
-        self.client_rounds = dict(info.get("client_rounds", {}))
+        self.privacy.restore(info)
         self.run.discard_after(info["round"])
         return GlobalState.from_tensors(tensors, info["state"])
 
@@ -75,8 +69,8 @@ class Coordinator:
         tensors, info = state.to_tensors()
         self.run.save_checkpoint(
             state.round, tensors,
-            {"state": info, "ledgers": {c: led.to_dict() for c, led in self.ledgers.items()},
-             "client_rounds": self.client_rounds, "strategy": self.fed.strategy.describe()},
+            {"state": info, **self.privacy.to_checkpoint(),
+             "strategy": self.fed.strategy.describe()},
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -91,10 +85,10 @@ class Coordinator:
             state = self.round(grid, directory.clients, state, round_)
         return state
 
-    def job(self, client: str, round_: int, scalings: dict[str, float]) -> Job:
+    def job(self, client: str, round_: int, downlink: Adapter) -> Job:
         config, strategy = self.fed.config, self.fed.strategy
         train, dp = job_settings(config.train_config())
-        ledger = self.ledgers.get(client)
+        ledger = self.privacy.ledgers.get(client)
         return Job(
             client_id=client,
             round=round_,
@@ -108,7 +102,7 @@ class Coordinator:
             train=train,
             dp=dp,
             ledger=ledger.to_dict() if ledger is not None else None,
-            scalings=scalings,
+            scalings={name: f.scaling for name, f in downlink.lora.items()},
             labels=list(self.fed.data.data.label_names),
         )
 
@@ -124,13 +118,8 @@ class Coordinator:
         plan = plan_round(strategy, state, clients, reachable=nodes)
         messages, bytes_down = [], 0
         for client, downlink in plan.downlinks.items():
-            flat, scalings = adapter_payload(downlink)
-            arrays = ArrayRecord(torch_state_dict=flat)
-            bytes_down += arrays.count_bytes()
-            content = RecordDict({
-                "adapter": arrays,
-                "config": ConfigRecord({"job": self.job(client, round_, scalings).to_json()}),
-            })
+            content = records(TrainJob(self.job(client, round_, downlink), downlink).to_parts())
+            bytes_down += content["arrays"].count_bytes()
             messages.append(Message(content=content, dst_node_id=nodes[client],
                                     message_type="train"))
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
@@ -162,53 +151,44 @@ class Coordinator:
                 if update.client_id in accepted:
                     self.run.save_client(round_, update.client_id, update.adapter)
         evaluation = self.evaluate(new_state)
-        epsilons = self.epsilons()
+        epsilons = self.privacy.epsilons()
         record = self.record(round_, clients, accepted, result.rejected, metrics, evaluation,
                              epsilons, result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
         record["aggregation_exact"] = result.exact
-        if config.publish_client_ids:  # who joined is public: accounted per client
-            for client in accepted:
-                self.client_rounds[client] = self.client_rounds.get(client, 0) + 1
-        client_level = self.client_level(round_)
+        self.privacy.joined(accepted)
+        client_level = self.privacy.client_level(round_)
         if client_level:
             record["client_epsilon"] = client_level["epsilon"]
         self.run.append_metrics(record)
-        self.write_privacy(epsilons, client_level)
+        self.privacy.write(self.run.root / "privacy.json", epsilons, client_level)
         self.checkpoint(new_state)
         self.on_round(record)
         return new_state
 
     # -- replies -------------------------------------------------------------------------------
 
-    def parse(self, client: str, reply: Message, downlink: Adapter | None
+    def parse(self, client: str, reply: Message, downlink: Adapter
               ) -> tuple[ClientUpdate | None, Rejection | None, dict[str, float], int]:
         """A reply as a ClientUpdate, or why it cannot be one (never raises). A ledger in the
         reply is the client's own: the server records it as reported."""
         if reply.has_error():
             return None, Rejection(client, f"client failed: {reply.error.reason}",
                                    "client failed"), {}, 0
-        content = reply.content
-        info = dict(content["info"]) if "info" in content else {}
-        if info.get("refused"):
-            return None, Rejection(client, f"refused: {info['refused']}", "refused"), {}, 0
         try:
-            if info.get("ledger"):
-                self.ledgers[client] = PrivacyLedger.from_dict(json.loads(str(info["ledger"])))
-            arrays = content["adapter"]
+            arrays, fields = reply.content["arrays"], dict(reply.content["fields"])
             size = arrays.count_bytes()
-            flat = arrays.to_torch_state_dict()
-            numbers = {k: float(v) for k, v in content["metrics"].items()}
-            scalings = json.loads(str(info["scalings"]))
-            if not self.fed.strategy.trains_a and downlink is not None:  # B-only upload
-                for name, f in downlink.lora.items():
-                    flat.setdefault(f"lora_A::{name}", f.A)
-            n = int(numbers["num-examples"])
-            adapter = adapter_from_tensors(flat, scalings, {"client_id": client, "num_examples": n})
-        except (KeyError, ValueError, TypeError) as exc:
-            return None, Rejection(client, f"malformed reply ({type(exc).__name__}: {exc})",
+            answer = reply_from_parts(Parts(arrays.to_torch_state_dict(), fields), downlink)
+        except (KeyError, TypeError, WireError) as exc:
+            return None, Rejection(client, str(exc) if isinstance(exc, WireError) else
+                                   f"malformed reply ({type(exc).__name__}: {exc})",
                                    "malformed reply"), {}, 0
-        return ClientUpdate(client, adapter, n), None, numbers, size
+        if isinstance(answer, Refusal):
+            return None, Rejection(client, f"refused: {answer.reason}", "refused"), {}, size
+        if answer.ledger is not None:
+            self.privacy.ledgers[client] = answer.ledger
+        numbers = {**answer.metrics, "num-examples": float(answer.num_examples)}
+        return ClientUpdate(client, answer.adapter, answer.num_examples), None, numbers, size
 
     def log_rejections(self, round_: int, rejected: list[Rejection]) -> None:
         """Who was left out and why; only how many of each kind where ids are secret."""
@@ -245,45 +225,6 @@ class Coordinator:
     def evaluate(self, state: GlobalState) -> dict[str, float]:
         return evaluate(self.eval_model(state), self.fed.data.heldout, self.fed.config.task)
 
-    def epsilons(self) -> dict[str, float]:
-        """Each client's epsilon so far, computed once per round (and only for histories that
-        changed): the PRV accountant is the costly part of a round with hundreds of clients."""
-        dp = self.fed.config.dp_config()
-        if dp is None:
-            return {}
-        return {c: history_epsilon(tuple(led.history), dp.delta, led.accountant)
-                for c, led in self.ledgers.items()}
-
-    def client_level(self, round_: int) -> dict[str, Any]:
-        """Client-level DP after `round_` released rounds: the facts and the epsilon. With
-        published client ids, each client's own unamplified epsilon over the rounds it joined."""
-        config, dp = self.fed.config, self.fed.config.client_dp_config()
-        if dp is None:
-            return {}
-        n, m = config.num_clients, config.sampled_per_round
-        facts = {
-            **client_level_description(dp, n, m),
-            "rounds": round_,
-            "client_ids_published": config.publish_client_ids,
-            "outside_guarantee": "example counts, client losses and metrics, the number of "
-                                 "sampled, accepted and rejected clients per round and the kinds "
-                                 "of rejections, and the server's view of each update (a trusted "
-                                 "server samples, clips and noises)",
-        }
-        if not config.publish_client_ids:
-            epsilon = client_level_epsilon(dp, num_clients=n, per_round=m, rounds=round_)
-            return {**facts, "epsilon": epsilon}
-        clients = {c: {"rounds": k, "epsilon": published_sample_epsilon(dp, k)}
-                   for c, k in sorted(self.client_rounds.items(), key=lambda kv: int(kv[0]))}
-        return {
-            **facts,
-            "accounting": "client ids are published, so nothing is amplified by sampling: each "
-                          "client's epsilon is the Gaussian mechanism composed over the rounds "
-                          "its update was in",
-            "clients": clients,
-            "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),
-        }
-
     def record(self, round_, clients, accepted, rejected, metrics, evaluation, epsilons,
                residual, residual_max, bytes_up, bytes_down, seconds) -> dict[str, Any]:
         weights = [m.get("num-examples", 0.0) for m in metrics]
@@ -315,42 +256,3 @@ class Coordinator:
         if epsilons:
             record["epsilon_max"] = max(epsilons.values())
         return record
-
-    def write_privacy(self, epsilons: dict[str, float], client_level: dict[str, Any]) -> None:
-        """privacy.json: sample-level DP per client (top level) and client-level DP, if on."""
-        dp = self.fed.config.dp_config()
-        document: dict[str, Any] = {}
-        if dp is not None:
-            clients = {}
-            for client, ledger in sorted(self.ledgers.items(), key=lambda kv: int(kv[0])):
-                sigma, q, _ = ledger.history[-1] if ledger.history else (math.nan, math.nan, 0)
-                clients[client] = {
-                    "noise_multiplier": sigma,
-                    "max_grad_norm": dp.max_grad_norm,
-                    "sample_rate": q,
-                    "sampling": ledger.sampling,
-                    "steps": ledger.steps,
-                    "rounds": ledger.rounds,
-                    "epsilon": epsilons[client],
-                    "history": [list(s) for s in ledger.history],
-                }
-            eps = [c["epsilon"] for c in clients.values()]
-            not_poisson = sorted((c for c, led in self.ledgers.items() if led.non_poisson_steps),
-                                 key=int)
-            document.update({
-                "delta": dp.delta,
-                "accountant": dp.accountant,
-                "privacy_unit": "one training example of one client (sample-level DP-SGD)",
-                "sampling": "Poisson (as every client reports), q = batch_size / client examples"
-                if not not_poisson else f"NOT Poisson for clients {not_poisson}: their epsilon "
-                "assumes Poisson sampling and is not a guarantee",
-                "randomness": "batch sampling and noise from OS entropy on each client",
-                "ledger": "as each client reports it (its own, kept on the node)",
-                "max_epsilon": max(eps) if eps else 0.0,
-                "budget": dp.budget,
-                "clients": clients,
-            })
-        if client_level:
-            document["client_level"] = client_level
-        if document:
-            write_json(self.run.root / "privacy.json", document)

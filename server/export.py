@@ -11,7 +11,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from fedlr.adapters import Adapter, peft_config_fields, to_peft_state_dict
-from fedlr.strategies import GlobalState, Strategy
+from fedlr.lora.strategies import GlobalState, Strategy
 
 TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from fedlr.adapters import Adapter, atomic_write, save_adapter
+from fedlr.adapters import Adapter, save_adapter
+from fedlr.atomic import atomic_write, write_json
 from fedlr.errors import ConfigError
 
 PACKAGES = ("fedlr", "torch", "flwr", "opacus", "peft", "transformers", "dp-accounting")
@@ -42,11 +43,6 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class RunDir:

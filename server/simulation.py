@@ -18,14 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedlr.errors import FedlrError
 from fedlr.federation import Federation
-from fedlr.model_sources import resolve_source
-from fedlr.node_privacy import SIMULATED_NODES_ENV
+from fedlr.lora.strategies import GlobalState
+from fedlr.models.sources import resolve_source
+from fedlr.privacy.node import SIMULATED_NODES_ENV
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.export import export_peft, final_adapter
 from fedlr.server.report import evaluation_note, plot, summary_table
 from fedlr.server.rundir import RunDir
-from fedlr.simconfig import SimulationConfig
-from fedlr.strategies import GlobalState
+from fedlr.settings.schema import SimulationConfig
 
 
 def gpu_share() -> float:

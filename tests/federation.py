@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedlr.adapters import Adapter, LoraFactors
-from fedlr.strategies import ClientUpdate, FederationSpec, GlobalState, ModuleShape, Strategy
+from fedlr.lora.strategies import ClientUpdate, FederationSpec, GlobalState, ModuleShape, Strategy
 
 MIXED_RANKS = (2, 4, 8, 16)
 
@@ -57,7 +57,7 @@ def client_updates(
 
 
 def dense_ideal(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
-    """sum_k p_k s_k B_k A_k computed densely, independently of fedlr.lowrank."""
+    """sum_k p_k s_k B_k A_k computed densely, independently of fedlr.lora.lowrank."""
     total = sum(u.num_examples for u in updates)
     out: dict[str, torch.Tensor] = {}
     for u in updates:

@@ -22,7 +22,7 @@ from fedlr.adapters import (
     to_peft_state_dict,
 )
 from fedlr.errors import AdapterFileError
-from fedlr.lowrank import LowRank
+from fedlr.lora.lowrank import LowRank
 
 TARGETS = ["query", "value"]
 

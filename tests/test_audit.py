@@ -14,12 +14,12 @@ import pytest
 from dp_accounting import rdp
 from rundirs import client_ids_in
 
-from fedlr.audit import write_audit
 from fedlr.client.app import app as client_app
-from fedlr.client_dp import ClientDPConfig, client_level_epsilon
 from fedlr.errors import ConfigError
+from fedlr.privacy.audit import write_audit
+from fedlr.privacy.client_level import ClientDPConfig, client_level_epsilon
 from fedlr.server.simulation import simulate
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,15 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import optimize, stats
+from two_worlds import best_threshold_bound, clopper_pearson_lower_bound, clopper_pearson_upper
 
-from fedlr.audit_bounds import (
+from fedlr.errors import ConfigError
+from fedlr.privacy.bounds import (
     abstention_pairs,
     best_one_run_bound,
-    best_threshold_bound,
     ceiling,
-    clopper_pearson_lower_bound,
-    clopper_pearson_upper,
     one_run_lower_bound,
 )
-from fedlr.errors import ConfigError
 
 # ../shared/reference/privacy.md, "Empirical audits": Steinke, Nasr, Jagielski 2023
 ONE_RUN_REFERENCE = [

@@ -14,20 +14,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlr.adapters import Adapter, LoraFactors
-from fedlr.client_dp import (
-    ClientDPConfig,
-    DPFedAvg,
-    client_level_description,
-    client_level_epsilon,
-    dp_fedavg,
-)
 from fedlr.errors import ConfigError
-from fedlr.strategies import (
+from fedlr.lora.strategies import (
     ClientUpdate,
     FederationSpec,
     ModuleShape,
     make_strategy,
     strategy_traits,
+)
+from fedlr.privacy.client_level import (
+    ClientDPConfig,
+    DPFedAvg,
+    client_level_description,
+    client_level_epsilon,
+    dp_fedavg,
 )
 
 seeds = st.integers(0, 2**31 - 1)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlr.client_dp import ClientDPConfig
-from fedlr.client_dp_audit import audit_state, client_level_audit
 from fedlr.errors import ConfigError
-from fedlr.strategies import FederationSpec, ModuleShape
+from fedlr.lora.strategies import FederationSpec, ModuleShape
+from fedlr.privacy.client_audit import audit_state, client_level_audit
+from fedlr.privacy.client_level import ClientDPConfig
 
 SPEC = FederationSpec(modules={"q": ModuleShape(96, 128), "v": ModuleShape(128, 96)},
                       ranks={"0": 8, "1": 4}, extras={"head": (4, 32)})
@@ -38,7 +38,7 @@ def test_fedsvd_releases_a_function_of_what_ffa_releases():
     only refactored by the SVD, which is post-processing."""
     from federation import client_updates
 
-    from fedlr.client_dp import dp_fedavg
+    from fedlr.privacy.client_level import dp_fedavg
 
     config = ClientDPConfig(1.0, 0.5)
     released = {}

@@ -16,9 +16,9 @@ from rundirs import client_ids_in
 from fedlr.adapters import load_adapter
 from fedlr.client.app import app as client_app
 from fedlr.errors import ConfigError
-from fedlr.rounds import REJECTION_KINDS, sample_clients
+from fedlr.lora.rounds import REJECTION_KINDS, sample_clients
 from fedlr.server.simulation import simulate
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
 
 TINY = dict(strategy="ffa", model="tiny", num_clients=4, rounds=2, ranks=[2, 4], local_steps=3,
             batch_size=8, lr=1e-2, eval_examples=32)

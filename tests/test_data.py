@@ -10,13 +10,13 @@ import torch
 from datasets import Dataset
 from training_setup import current_adapter, tiny_host
 
-from fedlr import stdlib_docs
-from fedlr.batches import Encoded
 from fedlr.client.training import LocalTrainer
-from fedlr.config import DPConfig, ModelSpec, TrainConfig
-from fedlr.data import PartitionScheme, load_data, partition
+from fedlr.data import stdlib_docs
+from fedlr.data.batches import Encoded
+from fedlr.data.sources import PartitionScheme, load_data, partition
 from fedlr.errors import ConfigError, FedlrError
-from fedlr.models import LoraHost, load_base_model, load_tokenizer, resolve_device
+from fedlr.models.hosts import LoraHost, load_base_model, load_tokenizer, resolve_device
+from fedlr.settings.specs import DPConfig, ModelSpec, TrainConfig
 
 
 @pytest.fixture(scope="module")

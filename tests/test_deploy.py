@@ -17,12 +17,12 @@ from fedlr.adapters import load_delta_weights
 from fedlr.certs import create
 from fedlr.client.app import app as client_app
 from fedlr.errors import ConfigError
-from fedlr.node_privacy import NodeState
-from fedlr.privacy import opacus_epsilon
+from fedlr.privacy.node import NodeState
+from fedlr.privacy.sample_level import opacus_epsilon
 from fedlr.server.launch import superlink_argv
 from fedlr.server.simulation import simulate
 from fedlr.session import data_session, data_source
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
 
 pytestmark = pytest.mark.e2e  # simulations, subprocesses and deployments
 

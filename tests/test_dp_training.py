@@ -8,16 +8,11 @@ import pytest
 import torch
 from training_setup import current_adapter, randomize_adapter, tiny_host
 
-from fedlr.batches import per_example_loss
-from fedlr.client.training import (
-    DPPlan,
-    LocalTrainer,
-    OpacusEngine,
-    ShuffledBatches,
-    TrainingError,
-)
-from fedlr.config import DPConfig, TrainConfig
-from fedlr.privacy import PrivacyLedger
+from fedlr.client.step_engines import DPPlan, OpacusEngine
+from fedlr.client.training import LocalTrainer, ShuffledBatches, TrainingError
+from fedlr.data.batches import per_example_loss
+from fedlr.privacy.sample_level import PrivacyLedger
+from fedlr.settings.specs import DPConfig, TrainConfig
 
 TASKS = ["classification", "causal-lm"]
 MODES = ["hooks", "ghost", "fused"]
@@ -265,7 +260,7 @@ def test_causal_lm_training_lowers_perplexity_on_its_data():
 
 def test_a_base_update_is_merged_exactly_and_replaced_not_accumulated():
     """FLoRA clients train on W0 + merged update; a new update replaces the previous one."""
-    from fedlr.lowrank import LowRank
+    from fedlr.lora.lowrank import LowRank
 
     host, data = tiny_host(dtype=torch.float64)
     module = sorted(host.shapes)[0]

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from fedlr.adapters import Adapter
-from fedlr.audit import write_audit
 from fedlr.client.canaries import GradientCanaries
 from fedlr.client.empirical_audit import sample_level_audit
 from fedlr.client.training import LocalTrainer
-from fedlr.config import DataSpec
 from fedlr.errors import ConfigError
-from fedlr.privacy import PrivacyLedger
+from fedlr.privacy.audit import write_audit
+from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.session import data_session, data_source, model_session
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
+from fedlr.settings.specs import DataSpec
 
 AUDITED = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[8], local_steps=20,
                batch_size=64, lr=0.05, optimizer="sgd", noise_multiplier=2.0, out="unused")

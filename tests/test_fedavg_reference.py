@@ -10,7 +10,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlr.adapters import to_peft_state_dict
-from fedlr.strategies import make_strategy
+from fedlr.lora.strategies import make_strategy
 
 
 def reply(update) -> Message:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from fedlr.adapters import load_into_peft_model
-from fedlr.batches import encode
 from fedlr.client.training import LocalTrainer
-from fedlr.config import ModelSpec, TrainConfig
-from fedlr.data import load_data, partition
+from fedlr.data.batches import encode
+from fedlr.data.sources import load_data, partition
 from fedlr.evaluation import evaluate
-from fedlr.models import LoraHost, default_targets, load_base_model, load_tokenizer
-from fedlr.rounds import close_round, plan_round
-from fedlr.strategies import ClientUpdate, FederationSpec, make_strategy
+from fedlr.lora.rounds import close_round, plan_round
+from fedlr.lora.strategies import ClientUpdate, FederationSpec, make_strategy
+from fedlr.models.hosts import LoraHost, default_targets, load_base_model, load_tokenizer
+from fedlr.settings.specs import ModelSpec, TrainConfig
 
 
 @pytest.mark.e2e  # the real default model, trained for two rounds: minutes on a CPU

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from fedlr.client.app import run_job
-from fedlr.data import load_local
+from fedlr.data.sources import load_local
 from fedlr.errors import ConfigError
 from fedlr.federation import Federation
-from fedlr.payload import adapter_payload
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
 
 
 def test_training_on_a_local_file_equals_training_on_the_same_examples_of_the_run(tmp_path):
@@ -24,22 +23,23 @@ def test_training_on_a_local_file_equals_training_on_the_same_examples_of_the_ru
                                               eval_examples=16, out=str(tmp_path / "run")))
     fed = Federation.build(config)
     state = fed.strategy.init_state(fed.model.host.initial_head)
-    flat, scalings = adapter_payload(fed.strategy.downlink(state, "1"))
-    job = Coordinator(fed, RunDir(tmp_path / "run")).job("1", 1, scalings)
+    downlink = fed.strategy.downlink(state, "1")
+    job = Coordinator(fed, RunDir(tmp_path / "run")).job("1", 1, downlink)
 
     shard, names = fed.data.partitions[1], fed.data.data.label_names
     local = tmp_path / "mine.jsonl"
     local.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n"
                              for t, y in zip(shard["text"], shard["label"], strict=True)))
 
-    shared = run_job(job, flat)
-    own = run_job(job, flat, str(local))
-    assert own["metrics"]["num-examples"] == shared["metrics"]["num-examples"] == len(shard)
-    ours, theirs = own["adapter"].to_torch_state_dict(), shared["adapter"].to_torch_state_dict()
+    shared = run_job(job, downlink)
+    own = run_job(job, downlink, str(local))
+    assert own.num_examples == shared.num_examples == len(shard)
+    ours, theirs = own.adapter.tensors(), shared.adapter.tensors()
     assert ours.keys() == theirs.keys()
     for key, tensor in theirs.items():
         torch.testing.assert_close(ours[key], tensor, rtol=0, atol=0)
-    assert any(not torch.equal(t, flat[k]) for k, t in ours.items() if k in flat)  # it trained
+    sent = downlink.tensors()
+    assert any(not torch.equal(t, sent[k]) for k, t in ours.items() if k in sent)  # it trained
 
 
 def test_local_labels_must_be_the_runs(tmp_path):

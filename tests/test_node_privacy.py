@@ -6,7 +6,6 @@ round, one that asks for too little noise or sends a job without DP."""
 
 from __future__ import annotations
 
-import json
 import math
 import tomllib
 from dataclasses import replace
@@ -17,18 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from fedlr.adapters import adapter_from_tensors
+from fedlr.adapters import Adapter
 from fedlr.client.app import run_job
-from fedlr.client.training import DPPlan, LocalTrainer, PoissonBatches
-from fedlr.config import DPConfig
+from fedlr.client.step_engines import DPPlan
+from fedlr.client.training import LocalTrainer, PoissonBatches
 from fedlr.errors import ConfigError
 from fedlr.federation import Federation
-from fedlr.node_privacy import NodeLimitError, NodeLimits, NodeState
-from fedlr.payload import Job, adapter_payload
-from fedlr.privacy import PrivacyLedger, opacus_epsilon, private_generator
+from fedlr.privacy.node import NodeLimitError, NodeLimits, NodeState
+from fedlr.privacy.sample_level import PrivacyLedger, opacus_epsilon, private_generator
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
+from fedlr.settings.specs import DPConfig
+from fedlr.wire import Job, TrainReply
 
 TINY = dict(strategy="ffa", model="tiny", num_clients=3, rounds=3, ranks=[4], local_steps=3,
             batch_size=8, lr=1e-2, eval_examples=16, seed=7)
@@ -42,20 +42,20 @@ def federation(tmp_path_factory):
 
 
 def job_for(fed: Federation, round_: int = 1, *, ledger: dict | None = None, **dp) -> tuple[
-        Job, dict[str, torch.Tensor]]:
+        Job, Adapter]:
     """What the server sends client 0: its job and downlink, as the coordinator builds them."""
     coordinator = Coordinator(fed, RunDir(fed.config.out))
     state = fed.strategy.init_state(fed.model.host.initial_head)
-    flat, scalings = adapter_payload(fed.strategy.downlink(state, "0"))
-    job = coordinator.job("0", round_, scalings)
+    downlink = fed.strategy.downlink(state, "0")
+    job = coordinator.job("0", round_, downlink)
     job.ledger = ledger
     if job.dp is not None:
         job.dp = {**job.dp, **dp}
-    return job, flat
+    return job, downlink
 
 
-def trained(reply) -> dict[str, torch.Tensor]:
-    return reply["adapter"].to_torch_state_dict()
+def trained(reply: TrainReply) -> dict[str, torch.Tensor]:
+    return reply.adapter.tensors()
 
 
 def same(a: dict, b: dict) -> bool:
@@ -78,10 +78,10 @@ def test_a_curious_server_cannot_replay_a_clients_dp_round(federation):
     known |= {s + 1 for s in known}
     for guess in sorted(known):
         replay = LocalTrainer(host, config).train(
-            "0", adapter_from_tensors(dict(downlink), job.scalings), shard, rank=job.rank,
+            "0", downlink, shard, rank=job.rank,
             train_a=job.train_a, train_head=job.train_head, ledger=PrivacyLedger(),
             seed=job.seed, dp_seed=guess)
-        tensors, _ = adapter_payload(replay.adapter)
+        tensors = replay.adapter.tensors()
         assert not same({k: tensors[k] for k in update}, update)
 
 
@@ -93,10 +93,10 @@ def test_seeded_dp_draws_would_be_replayed_exactly_which_is_why_runs_never_seed_
 
     def round_with(seed):
         result = LocalTrainer(host, config).train(
-            "0", adapter_from_tensors(dict(downlink), job.scalings), shard, rank=job.rank,
+            "0", downlink, shard, rank=job.rank,
             train_a=job.train_a, train_head=job.train_head, ledger=PrivacyLedger(),
             seed=job.seed, dp_seed=seed)
-        return adapter_payload(result.adapter)[0]
+        return result.adapter.tensors()
 
     assert same(round_with(job.seed), round_with(job.seed))
 
@@ -127,7 +127,7 @@ def test_dp_batches_are_poisson_with_the_planned_rate():
 
 def replace_config(**changes):
     """A stand-in trainer with only a config: `batches` needs nothing else."""
-    from fedlr.config import TrainConfig
+    from fedlr.settings.specs import TrainConfig
 
     trainer = LocalTrainer.__new__(LocalTrainer)
     trainer.config = replace(TrainConfig(), **changes)
@@ -234,8 +234,8 @@ def test_a_server_sending_empty_ledgers_cannot_push_a_node_past_its_max_epsilon(
     for round_ in (1, 2):
         job, downlink = job_for(federation, round_, ledger=None, max_epsilon=1e9)
         reply = run_job(job, downlink, state=state, limits=limits)
-        reported = PrivacyLedger.from_dict(json.loads(str(reply["info"]["ledger"])))
-        assert reported.to_dict() == state.load().to_dict()  # it reports its own ledger
+        assert reply.ledger is not None
+        assert reply.ledger.to_dict() == state.load().to_dict()  # it reports its own ledger
     job, downlink = job_for(federation, 3, ledger={}, max_epsilon=1e9)
     with pytest.raises(NodeLimitError, match=r"past its --max-epsilon"):
         run_job(job, downlink, state=state, limits=limits)

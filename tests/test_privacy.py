@@ -8,15 +8,15 @@ import pytest
 from training_setup import current_adapter, tiny_host
 
 from fedlr.client.training import LocalTrainer
-from fedlr.config import DPConfig, TrainConfig
 from fedlr.errors import ConfigError
-from fedlr.privacy import (
+from fedlr.privacy.sample_level import (
     BudgetExhaustedError,
     PrivacyLedger,
     dp_accounting_epsilon,
     noise_for_target,
     opacus_epsilon,
 )
+from fedlr.settings.specs import DPConfig, TrainConfig
 
 # ../shared/reference/privacy.md, "Golden values"
 OPACUS_GOLDEN = [

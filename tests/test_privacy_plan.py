@@ -7,20 +7,12 @@ import math
 
 import pytest
 
-from fedlr.client_dp import ClientDPConfig, client_level_epsilon
 from fedlr.errors import ConfigError
-from fedlr.privacy import noise_for_target, opacus_epsilon
-from fedlr.privacy_plan import (
-    MAX_NOISE,
-    MIN_NOISE,
-    PRV_CEILING,
-    REL_TOL,
-    PrivacyPlan,
-    _Unreachable,
-    plan_client_level,
-    plan_sample_level,
-    smallest_noise,
-)
+from fedlr.privacy.client_level import ClientDPConfig, client_level_epsilon
+from fedlr.privacy.plan import PRV_CEILING, PrivacyPlan
+from fedlr.privacy.planners import plan_client_level, plan_sample_level
+from fedlr.privacy.sample_level import noise_for_target, opacus_epsilon
+from fedlr.privacy.solve import MAX_NOISE, MIN_NOISE, REL_TOL, Unreachable, smallest_noise
 
 # ../shared/reference/privacy.md, "Golden values"
 
@@ -186,7 +178,7 @@ def test_smallest_noise_is_minimal_and_never_overshoots(epsilon, target):
         return epsilon(z)
 
     if epsilon(MAX_NOISE) > target:  # out of reach: said so, not a wrong answer
-        with pytest.raises(_Unreachable):
+        with pytest.raises(Unreachable):
             smallest_noise(counted, target)
         return
     z = smallest_noise(counted, target)

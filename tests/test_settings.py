@@ -1,16 +1,85 @@
-"""Every setting is declared once (`fedlr.simconfig.SimulationConfig`), and every front end (the
-`fedlr simulate` options, a TOML scenario, the `flwr run` config) accepts the same settings with the
-same defaults."""
+"""Every setting is declared once (`fedlr.settings.schema.SimulationConfig`), and every front
+end (the `fedlr simulate` options, a TOML scenario, the `flwr run` config) accepts the same
+settings with the same defaults."""
 
 from __future__ import annotations
 
+import json
+import tomllib
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+import typer
 
-from fedlr.simconfig import SimulationConfig
+from fedlr.cli import app
+from fedlr.errors import ConfigError
+from fedlr.server.app import config_from_run_config
+from fedlr.settings.schema import SECTIONS, SimulationConfig
+from fedlr.settings.text import default_of, shown
 
 ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = fields(SimulationConfig)
+
+
+def defaults() -> SimulationConfig:
+    return replace(SimulationConfig.load(None, {}), out=None)
+
+
+def test_every_setting_has_help_and_a_section():
+    for f in SETTINGS:
+        assert f.metadata["help"].strip(), f.name
+        assert f.metadata["section"] in SECTIONS, f.name
+
+
+def test_fedlr_simulate_has_one_option_per_setting_with_its_default():
+    command = typer.main.get_command(app).commands["simulate"]
+    options = {p.name: p for p in command.params if p.name not in ("config", "resume", "help")}
+    assert sorted(options) == sorted(f.name for f in SETTINGS)
+    for f in SETTINGS:
+        option = options[f.name]
+        assert f"--{f.name.replace('_', '-')}" in option.opts, f.name
+        assert option.show_default == shown(default_of(f)), f.name
+        assert option.help == f.metadata["help"]
+
+
+def test_the_flwr_run_config_lists_every_setting_at_its_default():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert sorted(config) == sorted([f.name.replace("_", "-") for f in SETTINGS] + ["resume"])
+    loaded, resume = config_from_run_config(config)
+    assert not resume
+    assert replace(loaded, out=None) == defaults()
+
+
+def test_a_toml_file_takes_every_setting_flat_or_in_its_section(tmp_path):
+    flat, grouped = {}, {}
+    for f in SETTINGS:
+        value = default_of(f)
+        if value is None:
+            continue  # TOML has no null: an unset setting is left out
+        flat[f.name] = value
+        grouped.setdefault(f.metadata["section"], {})[f.name] = value
+    for name, data in (("flat", flat), ("grouped", grouped)):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(toml(data))
+        assert replace(SimulationConfig.load(path, {}), out=None) == defaults(), name
+
+
+def test_a_setting_in_the_wrong_section_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[training]\nrounds = 3\n")
+    with pytest.raises(ConfigError, match=r"rounds belongs in \[federation\], not \[training\]"):
+        SimulationConfig.load(path, {})
+
+
+def toml(data: dict) -> str:
+    """A small TOML writer for flat values and one level of tables."""
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{n} = {value(x)}" for n, x in v.items())
+              for k, v in data.items() if isinstance(v, dict)]
+    return "\n".join(top + tables) + "\n"
 
 
 def test_the_flwr_run_config_shipped_in_pyproject_is_a_valid_run():

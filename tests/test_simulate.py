@@ -24,7 +24,7 @@ from fedlr.federation import Federation
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
 from fedlr.server.simulation import simulate
-from fedlr.simconfig import SimulationConfig
+from fedlr.settings.schema import SimulationConfig
 
 pytestmark = pytest.mark.e2e  # simulations, subprocesses and deployments
 
@@ -103,7 +103,7 @@ def test_run_directory_follows_the_contract(runs, strategy):
 def test_flexlora_with_two_of_three_ranks_per_round_runs_to_the_end(tmp_path):
     """Rounds whose clients hold less total rank than the largest client: the global adapter
     keeps its rank, every client gets its own, and the run finishes."""
-    from fedlr.strategies import GlobalState
+    from fedlr.lora.strategies import GlobalState
 
     config = tiny_config(tmp_path / "run", "fedit", hetero="flexlora", ranks=[4, 8, 16],
                          num_clients=3, clients_per_round=2, rounds=5, local_steps=2,
@@ -125,7 +125,7 @@ def test_the_reported_accuracy_is_the_full_held_out_splits_within_sampling_error
     from dataclasses import replace
 
     from fedlr.evaluation import evaluate
-    from fedlr.strategies import GlobalState
+    from fedlr.lora.strategies import GlobalState
 
     config = runs["fedit"]
     recorded = json.loads((Path(config.out) / "run.json").read_text())["evaluation"]
@@ -169,13 +169,13 @@ def test_the_reported_residual_is_the_one_recomputed_from_the_files(runs, strate
 def test_the_exported_adapter_loads_with_peft_and_reproduces_the_final_eval(runs, strategy):
     from peft import PeftModel
 
-    from fedlr.models import load_base_model, load_tokenizer
+    from fedlr.models.hosts import load_base_model, load_tokenizer
 
     config = runs[strategy]
     federation = Federation.build(config)
     coordinator = Coordinator(federation, RunDir(config.out))
     tensors, info = coordinator.run.load_checkpoint()
-    from fedlr.strategies import GlobalState
+    from fedlr.lora.strategies import GlobalState
 
     state = GlobalState.from_tensors(tensors, info["state"])
     batch = federation.data.heldout.batch(range(16))
@@ -196,7 +196,7 @@ PREDICT_TEXTS = ["open a socket and connect to the server", "parse a json docume
 
 def server_predictions(config, texts) -> list[str]:
     """What the run's own evaluation model predicts for `texts`, as label names."""
-    from fedlr.strategies import GlobalState
+    from fedlr.lora.strategies import GlobalState
 
     federation = Federation.build(config)
     tensors, info = RunDir(config.out).load_checkpoint()
@@ -237,8 +237,8 @@ def test_an_adapter_loads_as_the_readme_shows_without_a_label_count(tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from fedlr.config import ModelSpec
-    from fedlr.models import load_base_model, load_tokenizer
+    from fedlr.models.hosts import load_base_model, load_tokenizer
+    from fedlr.settings.specs import ModelSpec
 
     spec = ModelSpec(name="tiny", num_labels=14)
     tokenizer = load_tokenizer(spec)
@@ -315,7 +315,7 @@ def test_a_dp_run_killed_before_its_checkpoint_counts_every_step_once(runs, tmp_
     server's checkpoint. Here the whole 2-round DP run, its checkpoint gone: resuming trains both
     rounds again (the same clients: sampling is seeded), and every node's ledger ends with its
     earlier rounds and the new ones, each counted once, as privacy.json reports."""
-    from fedlr.node_privacy import NodeState
+    from fedlr.privacy.node import NodeState
 
     run = tmp_path / "run"
     shutil.copytree(runs["ffa"].out, run)
@@ -500,8 +500,8 @@ def test_flwr_run_serves_the_same_apps_and_run_directory(tmp_path):
 
 def test_a_compressed_flora_export_loses_exactly_the_energy_it_reports(runs):
     """||dW - dW_r||^2 = (1 - energy) ||dW||^2 per module (Eckart-Young), and rank <= r."""
+    from fedlr.lora.strategies import GlobalState
     from fedlr.server.export import final_adapter
-    from fedlr.strategies import GlobalState
 
     config = runs["flora"]
     federation = Federation.build(config)

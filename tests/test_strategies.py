@@ -12,11 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlr.errors import ConfigError
-from fedlr.lowrank import LowRank
-from fedlr.rounds import aggregate_round
-from fedlr.strategies import STRATEGIES, FederationSpec, GlobalState, ModuleShape, make_strategy
-from fedlr.strategies.base import HETERO_METHODS
-from fedlr.validation import ValidationPolicy
+from fedlr.lora.lowrank import LowRank
+from fedlr.lora.rounds import aggregate_round
+from fedlr.lora.strategies import (
+    STRATEGIES,
+    FederationSpec,
+    GlobalState,
+    ModuleShape,
+    make_strategy,
+)
+from fedlr.lora.strategies.base import HETERO_METHODS
+from fedlr.lora.validation import ValidationPolicy
 
 seeds = st.integers(0, 2**31 - 1)
 rank_lists = st.lists(st.sampled_from(MIXED_RANKS), min_size=2, max_size=6)
@@ -314,7 +320,7 @@ def test_config_errors_name_the_problem():
 
 def test_lowrank_helpers_match_dense():
     gen = torch.Generator().manual_seed(3)
-    from fedlr.lowrank import difference_norm, frobenius_norm, svd
+    from fedlr.lora.lowrank import difference_norm, frobenius_norm, svd
 
     for d_out, d_in, r in [(30, 20, 4), (10, 12, 25), (64, 48, 1)]:
         x = LowRank(
@@ -413,7 +419,7 @@ def test_a_round_without_valid_updates_carries_the_state_over(name):
 def test_svd_sign_rule_holds_on_the_final_factors_whatever_the_factorisation(seed, rank, dims):
     """The largest |entry| of each right singular vector is positive, so B A gives one SVD
     however it was factored (B M)(M^-1 A)."""
-    from fedlr.lowrank import svd
+    from fedlr.lora.lowrank import svd
 
     gen = torch.Generator().manual_seed(seed)
     d_out, d_in = dims
@@ -431,7 +437,7 @@ def test_svd_sign_rule_holds_on_the_final_factors_whatever_the_factorisation(see
 
 def test_top_pads_a_low_rank_product_to_the_requested_rank():
     """A stack of rank 2 asked for rank 5: the same product, five components, orthonormal A."""
-    from fedlr.lowrank import svd
+    from fedlr.lora.lowrank import svd
 
     gen = torch.Generator().manual_seed(5)
     x = LowRank(torch.randn(12, 2, generator=gen, dtype=torch.float64),

@@ -9,9 +9,9 @@ import torch
 from federation import client_updates, random_spec
 
 from fedlr.errors import ConfigError, RoundFailedError
-from fedlr.rounds import aggregate_round
-from fedlr.strategies import ClientUpdate, make_strategy
-from fedlr.validation import ValidationPolicy, update_norm
+from fedlr.lora.rounds import aggregate_round
+from fedlr.lora.strategies import ClientUpdate, make_strategy
+from fedlr.lora.validation import ValidationPolicy, update_norm
 
 
 def setup(name: str = "fedit", ranks=(4, 8, 2), extras: bool = True):

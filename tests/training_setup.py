@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from fedlr.adapters import from_peft_model
-from fedlr.batches import Encoded, encode
-from fedlr.config import ModelSpec
-from fedlr.models import LoraHost, default_targets, load_base_model, load_tokenizer
+from fedlr.data.batches import Encoded, encode
+from fedlr.models.hosts import LoraHost, default_targets, load_base_model, load_tokenizer
+from fedlr.settings.specs import ModelSpec
 
 TEXTS = [
     "open a socket and connect to the server",

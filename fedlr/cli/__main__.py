@@ -1,0 +1,5 @@
+"""`python -m fedlr.cli`."""
+
+from fedlr.cli import main
+
+main()

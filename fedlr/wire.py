@@ -1,0 +1,162 @@
+"""The wire format, both directions, owned here and nowhere else, Flower-free.
+
+Down: a `TrainJob`, the client's downlink adapter as flat tensors and one JSON `Job` (who it is,
+the round, its rank, what to train, how: model, data, training and DP settings, and under DP the
+ledger the server holds for it). The client needs nothing else, so the same ClientApp serves a
+simulation and a deployment. Up: a `TrainReply` (the trained factors, B alone where A is frozen,
+the example count, metrics, and the node's own ledger) or a `Refusal` with its reason.
+
+Each message becomes `Parts` (tensors and scalar fields) and back; the Flower glue on each side
+only wraps Parts in a RecordDict (`fedlr.client.app`, `fedlr.server.coordinator`). A reply that
+does not decode raises `WireError`, which the server records as a malformed reply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from fedlr.adapters import Adapter, adapter_from_tensors
+from fedlr.errors import ConfigError, FedlrError
+from fedlr.privacy.sample_level import PrivacyLedger
+from fedlr.settings.specs import DataSpec, DPConfig, ModelSpec, TrainConfig
+
+Scalar = str | int | float | bool
+
+
+class WireError(FedlrError):
+    """A message that does not decode: a field is missing or has the wrong type."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A message as any transport carries it: tensors, and scalar fields."""
+
+    arrays: dict[str, Tensor]
+    fields: dict[str, Scalar]
+
+
+@dataclass
+class Job:
+    client_id: str
+    round: int
+    rank: int
+    train_a: bool
+    train_head: bool
+    seed: int
+    alpha: float
+    model: dict[str, Any]
+    data: dict[str, Any]
+    train: dict[str, Any]
+    dp: dict[str, Any] | None = None
+    ledger: dict[str, Any] | None = None
+    scalings: dict[str, float] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)  # the run's class names, in id order
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        return cls(**json.loads(text))
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(**{**self.model, "targets": tuple(self.model["targets"] or ()) or None})
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(**self.data)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.train, dp=DPConfig(**self.dp) if self.dp else None)
+
+
+def job_settings(train: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(train settings without DP, DP settings) as JSON-able dicts."""
+    settings = asdict(train)
+    dp = settings.pop("dp")
+    return settings, dp
+
+
+def adapter_payload(adapter: Adapter) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Flat tensors and LoRA scalings of an adapter, for a message."""
+    return adapter.tensors(), {name: f.scaling for name, f in adapter.lora.items()}
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Down: what to train (`job`, whose `scalings` are the downlink's) and where from."""
+
+    job: Job
+    downlink: Adapter
+
+    def to_parts(self) -> Parts:
+        return Parts(self.downlink.tensors(), {"job": self.job.to_json()})
+
+    @classmethod
+    def from_parts(cls, parts: Parts) -> TrainJob:
+        try:
+            job = Job.from_json(str(parts.fields["job"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"malformed job ({type(exc).__name__}: {exc})") from None
+        return cls(job, adapter_from_tensors(parts.arrays, job.scalings))
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """Up: the trained adapter, its example count and metrics, and the node's own ledger."""
+
+    client_id: str
+    adapter: Adapter
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    ledger: PrivacyLedger | None = None
+
+    def to_parts(self, train_a: bool = True) -> Parts:
+        """B alone where A was frozen: the server has A already."""
+        arrays, scalings = adapter_payload(self.adapter)
+        if not train_a:
+            arrays = {k: t for k, t in arrays.items() if not k.startswith("lora_A::")}
+        return Parts(arrays, {
+            "kind": "update",
+            "client_id": self.client_id,
+            "scalings": json.dumps(scalings),
+            "num_examples": self.num_examples,
+            "metrics": json.dumps(self.metrics),
+            "ledger": json.dumps(self.ledger.to_dict()) if self.ledger is not None else "",
+        })
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Up: the node will not train this job (its budget, its limits, its data), and why."""
+
+    client_id: str
+    reason: str
+
+    def to_parts(self) -> Parts:
+        return Parts({}, {"kind": "refusal", "client_id": self.client_id, "reason": self.reason})
+
+
+def reply_from_parts(parts: Parts, start: Adapter | None = None) -> TrainReply | Refusal:
+    """Decode a client's answer; `start` (the adapter it was sent) fills in a frozen A."""
+    fields = parts.fields
+    try:
+        if fields["kind"] == "refusal":
+            return Refusal(str(fields["client_id"]), str(fields["reason"]))
+        if fields["kind"] != "update":
+            raise ValueError(f"unknown kind {fields['kind']!r}")
+        arrays = dict(parts.arrays)
+        for name, f in (start.lora.items() if start is not None else ()):
+            arrays.setdefault(f"lora_A::{name}", f.A)  # a B-only upload
+        client, n = str(fields["client_id"]), int(fields["num_examples"])
+        metrics = {k: float(v) for k, v in json.loads(str(fields["metrics"])).items()}
+        ledger = (PrivacyLedger.from_dict(json.loads(str(fields["ledger"])))
+                  if fields["ledger"] else None)
+        adapter = adapter_from_tensors(arrays, json.loads(str(fields["scalings"])),
+                                       {"client_id": client, "num_examples": n})
+    except (KeyError, ValueError, TypeError, AttributeError, ConfigError) as exc:
+        raise WireError(f"malformed reply ({type(exc).__name__}: {exc})") from None
+    return TrainReply(client, adapter, n, metrics, ledger)
