@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The test suite: lint, then pytest (slow tests excluded; `bash scripts/test.sh -m slow` runs them).
+# The test suite: lint, then the unit tier, then the end-to-end tier (pytest marker e2e), so a
+# broken unit fails in minutes. Arguments go to one pytest run as they are (-m "not e2e": the
+# unit tier alone; -m e2e: the end-to-end tier; -m slow: what neither runs).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FEDLR_ROOT"
 ruff check .
-exec python -m pytest -q "$@"
+if [ "$#" -gt 0 ]; then
+  exec python -m pytest -q "$@"
+fi
+python -m pytest -q -m "not e2e and not slow"
+exec python -m pytest -q -m "e2e and not slow"

@@ -344,18 +344,19 @@ def test_composing_strategies_pass(name, hetero):
 
 
 @pytest.mark.parametrize(
-    ("config", "setting"),
+    ("settings", "setting"),
     [
-        (ClientDPConfig(-1.0, 1.0), "noise multiplier"),
-        (ClientDPConfig(math.nan, 1.0), "noise multiplier"),
-        (ClientDPConfig(1.0, 0.0), "clip norm"),
-        (ClientDPConfig(1.0, math.inf), "clip norm"),
-        (ClientDPConfig(1.0, 1.0, sampling="uniform"), "client sampling"),
-        (ClientDPConfig(1.0, 1.0, delta=1.0), "delta"),
-        (ClientDPConfig(1.0, 1.0, accountant="prv"), "accountant"),
-        (ClientDPConfig(1.0, 1.0, sampling="fixed", accountant="pld"), "accountant 'pld'"),
+        (dict(noise_multiplier=-1.0, clip_norm=1.0), "noise multiplier"),
+        (dict(noise_multiplier=math.nan, clip_norm=1.0), "noise multiplier"),
+        (dict(noise_multiplier=1.0, clip_norm=0.0), "clip norm"),
+        (dict(noise_multiplier=1.0, clip_norm=math.inf), "clip norm"),
+        (dict(noise_multiplier=1.0, clip_norm=1.0, sampling="uniform"), "client sampling"),
+        (dict(noise_multiplier=1.0, clip_norm=1.0, delta=1.0), "delta"),
+        (dict(noise_multiplier=1.0, clip_norm=1.0, accountant="prv"), "accountant"),
+        (dict(noise_multiplier=1.0, clip_norm=1.0, sampling="fixed", accountant="pld"),
+         "accountant 'pld'"),
     ],
 )
-def test_bad_settings_are_refused(config, setting):
+def test_bad_settings_are_refused(settings, setting):
     with pytest.raises(ConfigError, match=setting):
-        config.validate()
+        ClientDPConfig(**settings)

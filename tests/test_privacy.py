@@ -16,6 +16,7 @@ from fedlr.privacy.sample_level import (
     noise_for_target,
     opacus_epsilon,
 )
+from fedlr.privacy.solve import REL_TOL
 from fedlr.settings.specs import DPConfig, TrainConfig
 
 # ../shared/reference/privacy.md, "Golden values"
@@ -110,10 +111,13 @@ def test_target_epsilon_solves_sigma_once_for_the_planned_run():
     assert final == pytest.approx(target, rel=0.02)  # and wastes little
 
 
-def test_noise_for_target_never_overshoots():
+def test_noise_for_target_never_overshoots_and_is_minimal():
+    """The shared solve (`fedlr.privacy.solve`): at the target or under, and a factor
+    1 + REL_TOL less noise would miss it."""
     for target in (0.5, 2.0, 8.0):
         sigma = noise_for_target(target, 1e-5, 0.01, 1000)
         assert opacus_epsilon([(sigma, 0.01, 1000)], 1e-5) <= target
+        assert opacus_epsilon([(sigma / (1 + REL_TOL), 0.01, 1000)], 1e-5) > target
 
 
 def test_an_unreachable_target_is_a_config_error():

@@ -200,7 +200,6 @@ def dp_fedavg(
 
 def _check_wrappable(strategy: Strategy, config: ClientDPConfig, expected_clients: float) -> None:
     strategy.traits.check_client_dp(strategy.hetero)
-    config.validate()
     if not (math.isfinite(expected_clients) and expected_clients > 0):
         raise ConfigError(
             f"expected clients per round must be a number > 0, got {expected_clients!r}; "
@@ -323,7 +322,6 @@ def client_level_epsilon(
 ) -> float:
     """Epsilon at `config.delta` of `rounds` DP-FedAvg rounds; `per_round` is the expected
     (Poisson) or exact (fixed-size) number of clients sampled from `num_clients` each round."""
-    config.validate()
     _check_population(num_clients, per_round, rounds)
     if rounds == 0:
         return 0.0
@@ -338,7 +336,6 @@ def published_sample_epsilon(config: ClientDPConfig, rounds_joined: int) -> floa
     """A client's epsilon when the run publishes who took part: nothing is amplified by sampling,
     so it is the Gaussian mechanism (sensitivity S, or 2S under replace-one adjacency for
     fixed-size sampling) composed over the `rounds_joined` rounds its update was in."""
-    config.validate()
     if rounds_joined < 0:
         raise ConfigError(f"the number of rounds must be >= 0, got {rounds_joined}")
     if rounds_joined == 0:
@@ -356,7 +353,6 @@ def client_level_description(
     config: ClientDPConfig, num_clients: int, per_round: int
 ) -> dict[str, Any]:
     """The facts privacy.json states next to the epsilon."""
-    config.validate()
     _check_population(num_clients, per_round, 0)
     fixed = config.sampling == "fixed"
     sampling: dict[str, Any] = (

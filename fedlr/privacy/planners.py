@@ -39,8 +39,8 @@ def plan_sample_level(
 ) -> PrivacyPlan:
     """DP-SGD on each client for `rounds * local_steps` steps at sample rate q.
 
-    Give exactly one of `target_epsilon` (the smallest sigma whose epsilon is at most the target,
-    to Opacus's tolerance of 0.005 in epsilon: what a client solves itself) or `noise_multiplier`.
+    Give exactly one of `target_epsilon` (the smallest sigma, to a factor 1 + REL_TOL, whose
+    epsilon is at most the target: what a client solves itself) or `noise_multiplier`.
     Give q as `sample_rate`, or as `batch_size` and `examples_per_client`.
     """
     from fedlr.privacy.sample_level import dp_accounting_epsilon, noise_for_target, opacus_epsilon
@@ -191,7 +191,7 @@ def plan_client_level(
         bound = eps_rdp(z)
         return bound if bound > 2 * PRV_CEILING else eps(z, "pld")
 
-    config(1.0).validate()  # pld with fixed-size sampling is refused here, with its fix
+    config(1.0)  # pld with fixed-size sampling is refused here, with its fix
     description = client_level_description(config(1.0), num_clients, clients_per_round)
     q = clients_per_round / num_clients
     notes: list[str] = []

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fedlr.errors import ConfigError, FedlrError
+from fedlr.privacy.solve import MAX_NOISE, Unreachable, smallest_noise
 
 Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
@@ -95,33 +96,26 @@ def dp_accounting_epsilon(history: Sequence[Segment], delta: float, method: str 
 def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
 ) -> float:
-    """The smallest noise multiplier (to Opacus's tolerance) whose `steps` reach at most the
-    target epsilon.
+    """The smallest noise multiplier (to a factor 1 + REL_TOL) whose `steps` reach at most the
+    target epsilon, by `fedlr.privacy.solve.smallest_noise`, the solve both levels plan with.
 
     RDP is solved first: it is cheap and never below PRV, so an RDP failure means the target is
-    out of reach, and PRV is never asked to search noise levels that would exhaust memory."""
-    from opacus.accountants.utils import get_noise_multiplier
+    out of reach, and its noise starts PRV's search from above, where PRV is fast."""
 
-    def solve(name: str) -> float:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=name,
-                epsilon_tolerance=0.005,
-            )
-        )
+    def epsilon(name: str):
+        return lambda z: opacus_epsilon([(z, sample_rate, steps)], delta, name)
 
     try:
         with _quiet_rdp_orders():
-            sigma = solve("rdp")
-            return sigma if accountant == "rdp" else solve(accountant)
-    except ValueError as exc:
+            sigma = smallest_noise(epsilon("rdp"), target_epsilon)
+            if accountant == "rdp":
+                return sigma
+            return smallest_noise(epsilon(accountant), target_epsilon, start=sigma)
+    except Unreachable as exc:
         raise ConfigError(
-            f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} over {steps} "
-            f"steps with sample rate {sample_rate:.4g} ({exc}); raise the target or train less"
+            f"no noise multiplier up to {MAX_NOISE:g} reaches epsilon {target_epsilon} at delta "
+            f"{delta} over {steps} steps with sample rate {sample_rate:.4g} (it gives "
+            f"{exc.epsilon:.4g}); raise the target or train less"
         ) from None
 
 

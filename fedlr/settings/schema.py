@@ -140,7 +140,6 @@ class SimulationConfig:
         if unknown:
             raise ConfigError(f"unknown settings {unknown}; known: {sorted(known)}")
         config = cls(**values)
-        config.validate()
         if config.out is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             config.out = f"runs/{config.strategy}-{stamp}"
@@ -151,7 +150,8 @@ class SimulationConfig:
 
     # -- checks --------------------------------------------------------------------------------
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Every check that can fail, before any work: names, counts, paths, privacy."""
         if self.strategy not in STRATEGY_NAMES:
             raise ConfigError(
                 f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGY_NAMES)}"
@@ -212,7 +212,6 @@ class SimulationConfig:
                 "trained) in privacy.json, which would publish the client sample that "
                 "client-level DP keeps secret; use one level, or add publish_client_ids "
                 "(client-level epsilon is then accounted without amplification by sampling)")
-        dp.validate()
         strategy_traits(self.strategy).check_client_dp(self.hetero)
         if self.min_valid_updates != 1:
             raise ConfigError(

@@ -148,7 +148,7 @@ class ClientDPConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Raise ConfigError naming the first bad setting and its fix."""
         z, s = self.noise_multiplier, self.clip_norm
         if not (math.isfinite(z) and z >= 0):
