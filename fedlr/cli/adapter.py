@@ -68,7 +68,8 @@ def predict(
     table = Table(title=f"{adapter} on {exported.spec.name}")
     table.add_column("text", overflow="fold", max_width=60)
     if exported.spec.task == "classification":
-        table.add_column("prediction")
+        widest = max((len(name) for name in exported.labels), default=10)
+        table.add_column("prediction", no_wrap=True, min_width=widest)  # a label stays whole
         table.add_column("score", justify="right")
         table.add_column("next", overflow="fold")
         for text, ranked in zip(given, classify(exported, given, top), strict=True):

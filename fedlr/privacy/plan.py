@@ -114,6 +114,22 @@ class PrivacyPlan:
         return data
 
 
+def solved_plan(delta: float, rounds: int, target_epsilon: float | None, noise: float,
+                epsilon: float, accountant: str, cross_checks: dict[str, float]
+                ) -> dict[str, Any]:
+    """The fields every plan has, whichever level: what was asked, the noise, the epsilon."""
+    return {
+        "delta": float(delta),
+        "rounds": rounds,
+        "target_epsilon": None if target_epsilon is None else float(target_epsilon),
+        "noise_multiplier": float(noise),
+        "solved": target_epsilon is not None,
+        "epsilon": float(epsilon),
+        "accountant": accountant,
+        "cross_checks": cross_checks,
+    }
+
+
 @contextlib.contextmanager
 def quiet_absl() -> Iterator[None]:
     """dp-accounting's RDP logs each order it drops ("failed to converge"): the bound stays valid,
