@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlr.adapters import Adapter, LoraFactors
-from fedlr.errors import ConfigError
+from fedlr.errors import ConfigError, RoundFailedError
+from fedlr.lora.rounds import aggregate_round
 from fedlr.lora.strategies import (
     ClientUpdate,
     FederationSpec,
@@ -22,6 +23,7 @@ from fedlr.lora.strategies import (
     make_strategy,
     strategy_traits,
 )
+from fedlr.lora.validation import ValidationPolicy
 from fedlr.privacy.client_level import (
     ClientDPConfig,
     DPFedAvg,
@@ -360,3 +362,24 @@ def test_composing_strategies_pass(name, hetero):
 def test_bad_settings_are_refused(settings, setting):
     with pytest.raises(ConfigError, match=setting):
         ClientDPConfig(**settings)
+
+
+def test_the_wrapper_releases_every_round_even_without_a_valid_update():
+    """DP-FedAvg as a wrapper strategy: the round needs no valid update (counting them would
+    depend on who took part), and one without any releases the noise alone, exactly
+    N(0, (z S / m)^2) per coordinate of the released space."""
+    strategy, state, _ = federation("ffa", 3, [4, 8])
+    z, clip, m = 2.0, 0.5, 4.0
+    private = DPFedAvg(strategy, ClientDPConfig(z, clip), expected_clients=m,
+                       generator=torch.Generator().manual_seed(5))
+    policy = ValidationPolicy(min_valid_updates=1)
+    result = aggregate_round(private, state, [], policy=policy)
+    assert result.accepted == [] and result.state.round == state.round + 1
+    noise = torch.cat([(result.state.lora[n].B - state.lora[n].B).reshape(-1)
+                       for n in sorted(state.lora)]).double()
+    assert torch.equal(result.state.lora[next(iter(state.lora))].A,
+                       state.lora[next(iter(state.lora))].A)  # FFA: A is never released
+    expected = z * clip / m
+    assert abs(float(noise.std()) - expected) < 5 * expected / math.sqrt(2 * noise.numel())
+    with pytest.raises(RoundFailedError):  # the wrapped strategy alone would refuse the round
+        aggregate_round(strategy, state, [], policy=policy)

@@ -224,7 +224,6 @@ class DPFedAvg(Strategy):
         self.traits = inner.traits
         self.spec, self.hetero, self.head = inner.spec, inner.hetero, inner.head
         self.seed = inner.seed
-        self.last_report: ClientDPReport | None = None  # private: per-client norms
 
     def init_state(self, extras: Mapping[str, Tensor] | None = None) -> GlobalState:
         return self.inner.init_state(extras)
@@ -262,7 +261,6 @@ class DPFedAvg(Strategy):
         bound = self.config.clip_norm * (1 + 1e-6)
         if any(norm > bound for norm in report.post_clip_norms.values()):
             raise AssertionError("client-level DP: a clipped update exceeds the clip norm")
-        self.last_report = report
         weights = {u.client_id: 1 / self.expected_clients for u in updates}
         return new_state, AggregationReport(self.name, new_state.round, weights, math.nan,
                                             math.nan, {})
