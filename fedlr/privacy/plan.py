@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -128,6 +128,22 @@ def solved_plan(delta: float, rounds: int, target_epsilon: float | None, noise: 
         "accountant": accountant,
         "cross_checks": cross_checks,
     }
+
+
+def reported_epsilon(noise: float, accountant: str, rdp_epsilon: float,
+                     tight: Callable[[], float], *, solved: bool, notes: list[str],
+                     no_noise: str, skipped: str) -> tuple[float, str]:
+    """The epsilon a plan reports, and by which accountant, at either level: none without noise;
+    RDP's upper bound where a given noise puts epsilon above PRV_CEILING (the tight accountant,
+    PRV or PLD, would take minutes or exhaust memory there and say nothing; a noise solved by it
+    was evaluated by it, and its value stands); else the chosen accountant's."""
+    if noise == 0:
+        notes.append(no_noise)
+        return math.inf, accountant
+    if accountant != "rdp" and not solved and rdp_epsilon > PRV_CEILING:
+        notes.append(f"epsilon above {PRV_CEILING:g}: {skipped}")
+        return rdp_epsilon, "rdp"
+    return (rdp_epsilon if accountant == "rdp" else tight()), accountant
 
 
 @contextlib.contextmanager

@@ -3,8 +3,6 @@ sample level (DP-SGD) and at client level (DP-FedAvg); see `fedlr.privacy.plan`.
 
 from __future__ import annotations
 
-import math
-
 from fedlr.errors import ConfigError
 from fedlr.privacy.accountants import SAMPLING_MODES, check_accountant
 from fedlr.privacy.plan import (
@@ -16,6 +14,7 @@ from fedlr.privacy.plan import (
     check_delta,
     check_one_of,
     quiet_absl,
+    reported_epsilon,
     sample_rate_of,
     solved_plan,
 )
@@ -80,23 +79,13 @@ def plan_sample_level(
         assert noise_multiplier is not None
         sigma = float(noise_multiplier)
 
-    used = accountant
     rdp_eps = opacus_epsilon(history(sigma), delta, "rdp")
-    if sigma == 0:
-        epsilon = math.inf
-        notes.append("no noise: the gradients are released as they are, no guarantee")
-    elif accountant == "prv" and target_epsilon is None and rdp_eps > PRV_CEILING:
-        # PRV's domain grows with epsilon: above the ceiling it takes minutes and says nothing
-        # (a sigma solved by PRV has already been evaluated by it: its value stands)
-        epsilon, used = rdp_eps, "rdp"
-        notes.append(
-            f"epsilon above {PRV_CEILING:g}: PRV and PLD skipped (slow, and no meaningful "
-            "guarantee remains); Opacus RDP, an upper bound, is shown"
-        )
-    elif accountant == "rdp":
-        epsilon = rdp_eps
-    else:
-        epsilon = opacus_epsilon(history(sigma), delta, accountant)
+    epsilon, used = reported_epsilon(
+        sigma, accountant, rdp_eps, lambda: opacus_epsilon(history(sigma), delta, accountant),
+        solved=target_epsilon is not None, notes=notes,
+        no_noise="no noise: the gradients are released as they are, no guarantee",
+        skipped="PRV and PLD skipped (slow, and no meaningful guarantee remains); Opacus RDP, an "
+                "upper bound, is shown")
 
     checks: dict[str, float] = {}
     if cross_check and sigma > 0:
@@ -220,17 +209,12 @@ def plan_client_level(
         z = float(noise_multiplier)
 
     rdp_eps = eps_rdp(z)
-    if z == 0:
-        epsilon = math.inf
-        notes.append("no noise: the clipped sum is released as it is, no guarantee")
-    elif used == "pld" and target_epsilon is None and rdp_eps > PRV_CEILING:
-        epsilon, used = rdp_eps, "rdp"
-        notes.append(
-            f"epsilon above {PRV_CEILING:g}: PLD skipped (it runs out of memory there, and no "
-            "meaningful guarantee remains); RDP, an upper bound, is shown"
-        )
-    else:
-        epsilon = eps(z, used)  # a z solved by PLD has been evaluated by it: cached
+    epsilon, used = reported_epsilon(
+        z, used, rdp_eps, lambda: eps(z, used),  # a z solved by PLD was evaluated: cached
+        solved=target_epsilon is not None, notes=notes,
+        no_noise="no noise: the clipped sum is released as it is, no guarantee",
+        skipped="PLD skipped (it runs out of memory there, and no meaningful guarantee "
+                "remains); RDP, an upper bound, is shown")
 
     checks: dict[str, float] = {}
     if cross_check and z > 0 and sampling == "poisson":
