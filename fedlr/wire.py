@@ -80,11 +80,6 @@ def job_settings(train: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | N
     return settings, dp
 
 
-def adapter_payload(adapter: Adapter) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Flat tensors and LoRA scalings of an adapter, for a message."""
-    return adapter.tensors(), {name: f.scaling for name, f in adapter.lora.items()}
-
-
 @dataclass(frozen=True)
 class TrainJob:
     """Down: what to train (`job`, whose `scalings` are the downlink's) and where from."""
@@ -116,7 +111,8 @@ class TrainReply:
 
     def to_parts(self, train_a: bool = True) -> Parts:
         """B alone where A was frozen: the server has A already."""
-        arrays, scalings = adapter_payload(self.adapter)
+        arrays = self.adapter.tensors()
+        scalings = {name: f.scaling for name, f in self.adapter.lora.items()}
         if not train_a:
             arrays = {k: t for k, t in arrays.items() if not k.startswith("lora_A::")}
         return Parts(arrays, {
