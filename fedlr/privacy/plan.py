@@ -130,6 +130,17 @@ def solved_plan(delta: float, rounds: int, target_epsilon: float | None, noise: 
     }
 
 
+def solving_accountant(accountant: str, target_epsilon: float | None, notes: list[str],
+                       why: str) -> str:
+    """The accountant that solves for a target, at either level: RDP where the target is above
+    PRV_CEILING (the tight one, PRV or PLD, is no use there: `why`), else the chosen one."""
+    if target_epsilon is not None and accountant != "rdp" and target_epsilon > PRV_CEILING:
+        notes.append(f"target above {PRV_CEILING:g}: solved by RDP ({why}, and no meaningful "
+                     "guarantee remains)")
+        return "rdp"
+    return accountant
+
+
 def reported_epsilon(noise: float, accountant: str, rdp_epsilon: float,
                      tight: Callable[[], float], *, solved: bool, notes: list[str],
                      no_noise: str, skipped: str) -> tuple[float, str]:

@@ -17,6 +17,7 @@ from fedlr.privacy.plan import (
     reported_epsilon,
     sample_rate_of,
     solved_plan,
+    solving_accountant,
 )
 from fedlr.privacy.solve import MAX_NOISE, MIN_NOISE, Unreachable, smallest_noise
 
@@ -56,12 +57,7 @@ def plan_sample_level(
     def history(sigma: float) -> list[tuple[float, float, int]]:
         return [(sigma, q, steps)]
 
-    if target_epsilon is not None and accountant == "prv" and target_epsilon > PRV_CEILING:
-        accountant = "rdp"
-        notes.append(
-            f"target above {PRV_CEILING:g}: solved by RDP (PRV is slow there, and no meaningful "
-            "guarantee remains)"
-        )
+    accountant = solving_accountant(accountant, target_epsilon, notes, "PRV is slow there")
     if target_epsilon is not None:
         # RDP is never below PRV: if RDP reaches the target at MAX_NOISE, PRV does too
         at_cap = opacus_epsilon(history(MAX_NOISE), delta, "rdp")
@@ -178,13 +174,7 @@ def plan_client_level(
     description = client_level_description(config(1.0), num_clients, clients_per_round)
     q = clients_per_round / num_clients
     notes: list[str] = []
-    used = accountant
-    if target_epsilon is not None and accountant == "pld" and target_epsilon > PRV_CEILING:
-        used = "rdp"
-        notes.append(
-            f"target above {PRV_CEILING:g}: solved by RDP (PLD runs out of memory there, and no "
-            "meaningful guarantee remains)"
-        )
+    used = solving_accountant(accountant, target_epsilon, notes, "PLD runs out of memory there")
     if target_epsilon is not None:
         try:
             # RDP is cheap and never below PLD: its z brackets PLD's from above
