@@ -53,7 +53,6 @@ class Job:
     train: dict[str, Any]
     dp: dict[str, Any] | None = None
     ledger: dict[str, Any] | None = None
-    scalings: dict[str, float] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)  # the run's class names, in id order
 
     def to_json(self) -> str:
@@ -80,23 +79,34 @@ def job_settings(train: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | N
     return settings, dp
 
 
+def _scalings(adapter: Adapter) -> str:
+    """An adapter travels as its tensors and, in this field, each module's LoRA scaling."""
+    return json.dumps({name: f.scaling for name, f in adapter.lora.items()})
+
+
+def _adapter(arrays: dict[str, Tensor], fields: dict[str, Scalar],
+             meta: dict[str, Any] | None = None) -> Adapter:
+    return adapter_from_tensors(arrays, json.loads(str(fields["scalings"])), meta)
+
+
 @dataclass(frozen=True)
 class TrainJob:
-    """Down: what to train (`job`, whose `scalings` are the downlink's) and where from."""
+    """Down: what to train (`job`) and the adapter to train from."""
 
     job: Job
     downlink: Adapter
 
     def to_parts(self) -> Parts:
-        return Parts(self.downlink.tensors(), {"job": self.job.to_json()})
+        return Parts(self.downlink.tensors(),
+                     {"job": self.job.to_json(), "scalings": _scalings(self.downlink)})
 
     @classmethod
     def from_parts(cls, parts: Parts) -> TrainJob:
         try:
             job = Job.from_json(str(parts.fields["job"]))
+            return cls(job, _adapter(parts.arrays, parts.fields))
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"malformed job ({type(exc).__name__}: {exc})") from None
-        return cls(job, adapter_from_tensors(parts.arrays, job.scalings))
 
 
 @dataclass(frozen=True)
@@ -112,13 +122,12 @@ class TrainReply:
     def to_parts(self, train_a: bool = True) -> Parts:
         """B alone where A was frozen: the server has A already."""
         arrays = self.adapter.tensors()
-        scalings = {name: f.scaling for name, f in self.adapter.lora.items()}
         if not train_a:
             arrays = {k: t for k, t in arrays.items() if not k.startswith("lora_A::")}
         return Parts(arrays, {
             "kind": "update",
             "client_id": self.client_id,
-            "scalings": json.dumps(scalings),
+            "scalings": _scalings(self.adapter),
             "num_examples": self.num_examples,
             "metrics": json.dumps(self.metrics),
             "ledger": json.dumps(self.ledger.to_dict()) if self.ledger is not None else "",
@@ -151,8 +160,7 @@ def reply_from_parts(parts: Parts, start: Adapter | None = None) -> TrainReply |
         metrics = {k: float(v) for k, v in json.loads(str(fields["metrics"])).items()}
         ledger = (PrivacyLedger.from_dict(json.loads(str(fields["ledger"])))
                   if fields["ledger"] else None)
-        adapter = adapter_from_tensors(arrays, json.loads(str(fields["scalings"])),
-                                       {"client_id": client, "num_examples": n})
+        adapter = _adapter(arrays, fields, {"client_id": client, "num_examples": n})
     except (KeyError, ValueError, TypeError, AttributeError, ConfigError) as exc:
         raise WireError(f"malformed reply ({type(exc).__name__}: {exc})") from None
     return TrainReply(client, adapter, n, metrics, ledger)

@@ -85,7 +85,7 @@ class Coordinator:
             state = self.round(grid, directory.clients, state, round_)
         return state
 
-    def job(self, client: str, round_: int, downlink: Adapter) -> Job:
+    def job(self, client: str, round_: int) -> Job:
         config, strategy = self.fed.config, self.fed.strategy
         train, dp = job_settings(config.train_config())
         ledger = self.privacy.ledgers.get(client)
@@ -102,7 +102,6 @@ class Coordinator:
             train=train,
             dp=dp,
             ledger=ledger.to_dict() if ledger is not None else None,
-            scalings={name: f.scaling for name, f in downlink.lora.items()},
             labels=list(self.fed.data.data.label_names),
         )
 
@@ -118,7 +117,7 @@ class Coordinator:
         plan = plan_round(strategy, state, clients, reachable=nodes)
         messages, bytes_down = [], 0
         for client, downlink in plan.downlinks.items():
-            content = records(TrainJob(self.job(client, round_, downlink), downlink).to_parts())
+            content = records(TrainJob(self.job(client, round_), downlink).to_parts())
             bytes_down += content["arrays"].count_bytes()
             messages.append(Message(content=content, dst_node_id=nodes[client],
                                     message_type="train"))

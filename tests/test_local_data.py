@@ -24,7 +24,7 @@ def test_training_on_a_local_file_equals_training_on_the_same_examples_of_the_ru
     fed = Federation.build(config)
     state = fed.strategy.init_state(fed.model.host.initial_head)
     downlink = fed.strategy.downlink(state, "1")
-    job = Coordinator(fed, RunDir(tmp_path / "run")).job("1", 1, downlink)
+    job = Coordinator(fed, RunDir(tmp_path / "run")).job("1", 1)
 
     shard, names = fed.data.partitions[1], fed.data.data.label_names
     local = tmp_path / "mine.jsonl"

@@ -47,7 +47,7 @@ def job_for(fed: Federation, round_: int = 1, *, ledger: dict | None = None, **d
     coordinator = Coordinator(fed, RunDir(fed.config.out))
     state = fed.strategy.init_state(fed.model.host.initial_head)
     downlink = fed.strategy.downlink(state, "0")
-    job = coordinator.job("0", round_, downlink)
+    job = coordinator.job("0", round_)
     job.ledger = ledger
     if job.dp is not None:
         job.dp = {**job.dp, **dp}
