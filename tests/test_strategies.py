@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedlr.errors import ConfigError
 from fedlr.lora.lowrank import LowRank
-from fedlr.lora.rounds import aggregate_round
+from fedlr.lora.rounds import aggregate_round, plan_round
 from fedlr.lora.strategies import (
     STRATEGIES,
     FederationSpec,
@@ -486,3 +486,23 @@ def test_a_residual_is_called_exact_only_where_it_is_zero_by_construction(name):
     console = Console(width=120, record=True)
     console.print(summary_table([record], "t"))
     assert ("exact" in console.export_text()) == exact
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("hetero", HETERO_METHODS)
+def test_a_plans_start_is_the_strategys_starting_adapter(name, hetero):
+    """plan_round derives each start from the downlink (minus its base update) instead of
+    asking the strategy again: the same tensors as `starting_adapter`, after a real round."""
+    gen = torch.Generator().manual_seed(11)
+    spec = random_spec(gen, list(MIXED_RANKS), extras=True)
+    strategy = make_strategy(name, spec, hetero=hetero, seed=0)
+    state = strategy.init_state({"classifier.weight": torch.zeros(3, 8, dtype=torch.float64)})
+    state = aggregate_round(strategy, state, client_updates(strategy, state, gen)).state
+    plan = plan_round(strategy, state, sorted(spec.ranks))
+    for client, start in plan.starts.items():
+        expected = strategy.starting_adapter(state, client).tensors()
+        got = start.tensors()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+        assert {n: f.scaling for n, f in start.lora.items()} == {
+            n: f.scaling for n, f in strategy.starting_adapter(state, client).lora.items()}

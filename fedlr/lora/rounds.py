@@ -75,13 +75,16 @@ def plan_round(strategy: Strategy, state: GlobalState, clients: Sequence[str], *
     """The downlink and start of every sampled client that can be reached (all, by default).
     `synced`: the round each client last received (FLoRA sends what it missed since)."""
     reach = set(clients if reachable is None else reachable)
-    present = [c for c in clients if c in reach]
     synced = synced or {}
+    downlinks = {c: strategy.downlink(state, c, since_round=synced.get(c, 0))
+                 for c in clients if c in reach}
     return RoundPlan(
         round=state.round + 1,
         clients=list(clients),
-        downlinks={c: strategy.downlink(state, c, since_round=synced.get(c, 0)) for c in present},
-        starts={c: strategy.starting_adapter(state, c) for c in present},
+        downlinks=downlinks,
+        # the start is the downlink minus the base update it merges: not computed twice (a
+        # FlexLoRA downlink is an SVD per module)
+        starts={c: Adapter(lora=d.lora, extras=d.extras) for c, d in downlinks.items()},
         unreachable=[Rejection(c, "not connected", "not connected")
                      for c in clients if c not in reach],
     )
