@@ -9,18 +9,23 @@ node's data does not come from the server: its privacy ledger and limits are the
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlr.adapters import Adapter
 from fedlr.client.training import LocalTrainer
 from fedlr.errors import FedlrError
+from fedlr.lora.strategies.base import ClientUpdate
 from fedlr.models.hosts import resolve_device
 from fedlr.privacy.node import SIMULATED_NODES_ENV, NodeLimits, NodeState
+from fedlr.privacy.secagg.client import respond
+from fedlr.privacy.secagg.encoding import Encoding, encode
 from fedlr.session import data_session, local_shard, model_session
 from fedlr.wire import Job, Parts, Refusal, TrainJob, TrainReply
 
@@ -78,17 +83,50 @@ def records(parts: Parts) -> RecordDict:
                        "fields": ConfigRecord(parts.fields)})
 
 
+def train_here(down: TrainJob, context: Context) -> TrainReply:
+    """Run the job on this node, within its own privacy state and limits."""
+    state, limits = node_privacy(dict(context.node_config))
+    return run_job(down.job, down.downlink, context.node_config.get("data-path"), state, limits)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    down = TrainJob.from_parts(Parts(msg.content["arrays"].to_torch_state_dict(),
-                                     dict(msg.content["fields"])))
+    parts = Parts(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["fields"]))
+    if "stage" in parts.fields:
+        return Message(content=records(secure_stage(parts, context)), reply_to=msg)
+    down = TrainJob.from_parts(parts)
     try:
-        state, limits = node_privacy(dict(context.node_config))
-        reply = run_job(down.job, down.downlink, context.node_config.get("data-path"), state,
-                        limits).to_parts(train_a=down.job.train_a)
+        reply = train_here(down, context).to_parts(train_a=down.job.train_a)
     except FedlrError as exc:  # a refusal (budget, bad local data): the server logs the reason
         reply = Refusal(down.job.client_id, str(exc)).to_parts()
     return Message(content=records(reply), reply_to=msg)
+
+
+def secure_stage(parts: Parts, context: Context) -> Parts:
+    """One secure-aggregation stage. The round's secrets stay in this node's own context
+    between stages; in the `train` stage the node trains and encodes its part, and replies with
+    its metrics and ledger but not its example count (summed securely)."""
+    kept = dict(context.state["secagg"]) if "secagg" in context.state else {}
+    client = str(context.node_config.get("partition-id", ""))
+    extra: dict[str, Any] = {}
+
+    def part(encoding: Encoding) -> np.ndarray:
+        down = TrainJob.from_parts(parts)
+        reply = train_here(down, context)
+        update = ClientUpdate(down.job.client_id, reply.adapter, reply.num_examples)
+        extra.update(metrics=json.dumps(reply.metrics), ledger=json.dumps(
+            reply.ledger.to_dict()) if reply.ledger is not None else "")
+        return encode(encoding, update, down.downlink, np.random.default_rng())
+
+    try:
+        fields, kept = respond(parts.fields, kept, part)
+    except (FedlrError, ValueError) as exc:  # a refusal, an unfit update, a protocol breach
+        return Refusal(client, str(exc)).to_parts()
+    if kept:
+        context.state["secagg"] = ConfigRecord(kept)
+    elif "secagg" in context.state:
+        del context.state["secagg"]  # the round is over: its secrets go
+    return Parts({}, {**fields, **extra, "kind": "secagg"})
 
 
 @app.query()

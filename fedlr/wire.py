@@ -24,7 +24,7 @@ from fedlr.errors import ConfigError, FedlrError
 from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.settings.specs import DataSpec, DPConfig, ModelSpec, TrainConfig
 
-Scalar = str | int | float | bool
+Scalar = str | int | float | bool | bytes
 
 
 class WireError(FedlrError):

@@ -8,6 +8,7 @@ FLoRA base updates, privacy ledgers), validation with reasons, and resume from a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,11 +23,20 @@ from flwr.serverapp import Grid
 from fedlr.adapters import Adapter, LoraFactors, load_into_peft_model
 from fedlr.evaluation import evaluate
 from fedlr.federation import Federation
-from fedlr.lora.rounds import Rejection, close_round, plan_round, sample_clients
+from fedlr.lora.rounds import (
+    Rejection,
+    RoundPlan,
+    RoundResult,
+    close_round,
+    plan_round,
+    sample_clients,
+)
 from fedlr.lora.strategies import GlobalState
 from fedlr.lora.strategies.base import ClientUpdate
 from fedlr.lora.validation import ValidationPolicy
 from fedlr.privacy.report import RunPrivacy
+from fedlr.privacy.sample_level import PrivacyLedger
+from fedlr.privacy.secagg.server import Exchange, secure_round
 from fedlr.server.nodes import NodeDirectory
 from fedlr.server.rundir import RunDir
 from fedlr.wire import Job, Parts, Refusal, TrainJob, WireError, job_settings, reply_from_parts
@@ -38,6 +48,54 @@ def records(parts: Parts) -> RecordDict:
     """Parts as Flower carries them (the ClientApp unwraps them the same way)."""
     return RecordDict({"arrays": ArrayRecord(torch_state_dict=parts.arrays),
                        "fields": ConfigRecord(parts.fields)})
+
+
+def unwrap(message: Message) -> Parts:
+    return Parts(message.content["arrays"].to_torch_state_dict(),
+                 dict(message.content["fields"]))
+
+
+def size(content: RecordDict) -> int:
+    """Bytes of a message's tensors and of its text and byte fields."""
+    fields = content["fields"].values() if "fields" in content else ()
+    text = sum(len(v) for v in fields if isinstance(v, str | bytes))
+    return (content["arrays"].count_bytes() if "arrays" in content else 0) + text
+
+
+@dataclass
+class Transport:
+    """One exchange with a round's nodes over the Grid: each client's message out, each answer
+    back (or a Rejection: the node failed, or its node is offline), bytes counted both ways."""
+
+    grid: Grid
+    nodes: dict[str, int]
+    timeout: float | None
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def send(self, parts: dict[str, Parts]) -> dict[str, Message | Rejection]:
+        messages = []
+        for client, p in parts.items():
+            content = records(p)
+            self.bytes_down += size(content)
+            messages.append(Message(content=content, dst_node_id=self.nodes[client],
+                                    message_type="train"))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        # by the message answered: Flower's own error replies (node offline) come from the
+        # SuperLink, not from the node; the grid gave each message its id when it pushed it
+        sent_to = {m.metadata.message_id: c for m, c in zip(messages, parts, strict=True)}
+        out: dict[str, Message | Rejection] = {}
+        for reply in replies:
+            client = sent_to.get(reply.metadata.reply_to_message_id)
+            if client is None:
+                continue  # not an answer to these messages
+            if reply.has_error():
+                out[client] = Rejection(client, f"client failed: {reply.error.reason}",
+                                        "client failed")
+                continue
+            self.bytes_up += size(reply.content)
+            out[client] = reply
+        return out
 
 
 @dataclass
@@ -115,31 +173,18 @@ class Coordinator:
         clients = sample_clients(config.client_ids(), config.sampled_per_round, round_,
                                  seed=config.seed, private_sampling=dp and dp.sampling)
         plan = plan_round(strategy, state, clients, reachable=nodes)
-        messages, bytes_down = [], 0
-        for client, downlink in plan.downlinks.items():
-            content = records(TrainJob(self.job(client, round_), downlink).to_parts())
-            bytes_down += content["arrays"].count_bytes()
-            messages.append(Message(content=content, dst_node_id=nodes[client],
-                                    message_type="train"))
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-        # by the message answered: Flower's own error replies (node offline) come from the
-        # SuperLink, not from the node; the grid gave each message its id when it pushed it
-        sent_to = {m.metadata.message_id: c for m, c in zip(messages, plan.downlinks, strict=True)}
-        updates, refused, metrics, bytes_up = [], [], [], 0
-        for reply in replies:
-            client = sent_to.get(reply.metadata.reply_to_message_id)
-            if client is None:
-                continue  # not an answer to this round's messages
-            update, refusal, numbers, size = self.parse(client, reply, plan.downlinks[client])
-            bytes_up += size
-            if refusal is not None:
-                refused.append(refusal)
-                continue
-            updates.append(update)
-            metrics.append(numbers)
-        policy = ValidationPolicy(max_update_norm=config.max_update_norm,
-                                  min_valid_updates=config.min_valid_updates)
-        result = close_round(strategy, state, plan, updates, policy=policy, refused=refused)
+        transport = Transport(grid, nodes, config.round_timeout)
+        jobs = {c: TrainJob(self.job(c, round_), d).to_parts() for c, d in plan.downlinks.items()}
+        updates: list[ClientUpdate] = []  # individual updates: none under secure aggregation
+        metrics: list[dict[str, float]] = []
+        if config.secure_aggregation:
+            exchange = self.secure_exchange(transport, jobs, metrics)
+            result = secure_round(strategy, state, plan, exchange, config.secagg_settings(),
+                                  min_valid_updates=config.min_valid_updates,
+                                  max_update_norm=config.max_update_norm)
+        else:
+            result = self.plain_round(transport, jobs, plan, state, updates, metrics)
+        bytes_up, bytes_down = transport.bytes_up, transport.bytes_down
         self.log_rejections(round_, result.rejected)
         new_state = result.state
         accepted = sorted(result.accepted, key=int)
@@ -155,6 +200,7 @@ class Coordinator:
                              epsilons, result.report.residual, result.report.residual_max,
                              bytes_up, bytes_down, time.perf_counter() - started)
         record["aggregation_exact"] = result.exact
+        record.update(result.facts)
         self.privacy.joined(accepted)
         client_level = self.privacy.client_level(round_)
         if client_level:
@@ -165,29 +211,82 @@ class Coordinator:
         self.on_round(record)
         return new_state
 
+    def plain_round(self, transport: Transport, jobs: dict[str, Parts], plan: RoundPlan,
+                    state: GlobalState, updates: list[ClientUpdate],
+                    metrics: list[dict[str, float]]) -> RoundResult:
+        """One exchange: every update comes back whole and `close_round` validates and
+        aggregates them (`updates` and `metrics` receive what arrived)."""
+        refused = []
+        for client, reply in transport.send(jobs).items():
+            update, refusal, numbers = self.parse(client, reply, plan.downlinks[client])
+            if refusal is not None:
+                refused.append(refusal)
+                continue
+            updates.append(update)
+            metrics.append(numbers)
+        config = self.fed.config
+        policy = ValidationPolicy(max_update_norm=config.max_update_norm,
+                                  min_valid_updates=config.min_valid_updates)
+        return close_round(self.fed.strategy, state, plan, updates, policy=policy,
+                           refused=refused)
+
     # -- replies -------------------------------------------------------------------------------
 
-    def parse(self, client: str, reply: Message, downlink: Adapter
-              ) -> tuple[ClientUpdate | None, Rejection | None, dict[str, float], int]:
+    def parse(self, client: str, reply: Message | Rejection, downlink: Adapter
+              ) -> tuple[ClientUpdate | None, Rejection | None, dict[str, float]]:
         """A reply as a ClientUpdate, or why it cannot be one (never raises). A ledger in the
         reply is the client's own: the server records it as reported."""
-        if reply.has_error():
-            return None, Rejection(client, f"client failed: {reply.error.reason}",
-                                   "client failed"), {}, 0
+        if isinstance(reply, Rejection):
+            return None, reply, {}
         try:
-            arrays, fields = reply.content["arrays"], dict(reply.content["fields"])
-            size = arrays.count_bytes()
-            answer = reply_from_parts(Parts(arrays.to_torch_state_dict(), fields), downlink)
+            answer = reply_from_parts(unwrap(reply), downlink)
         except (KeyError, TypeError, WireError) as exc:
             return None, Rejection(client, str(exc) if isinstance(exc, WireError) else
                                    f"malformed reply ({type(exc).__name__}: {exc})",
-                                   "malformed reply"), {}, 0
+                                   "malformed reply"), {}
         if isinstance(answer, Refusal):
-            return None, Rejection(client, f"refused: {answer.reason}", "refused"), {}, size
+            return None, Rejection(client, f"refused: {answer.reason}", "refused"), {}
         if answer.ledger is not None:
             self.privacy.ledgers[client] = answer.ledger
         numbers = {**answer.metrics, "num-examples": float(answer.num_examples)}
-        return ClientUpdate(client, answer.adapter, answer.num_examples), None, numbers, size
+        return ClientUpdate(client, answer.adapter, answer.num_examples), None, numbers
+
+    def secure_exchange(self, transport: Transport, jobs: dict[str, Parts],
+                        metrics: list[dict[str, float]]) -> Exchange:
+        """Carries one secure-aggregation stage: the `train` stage with each client's job. Its
+        replies bring the node's ledger and training metrics (not its example count, which is
+        summed securely) beside the public keys; a refusal at any stage is a rejection."""
+
+        def exchange(stage: str, messages: dict[str, dict[str, Any]]
+                     ) -> dict[str, dict[str, Any] | Rejection]:
+            out: dict[str, dict[str, Any] | Rejection] = {}
+            sent = {c: Parts(jobs[c].arrays if stage == "train" else {},
+                             {**(jobs[c].fields if stage == "train" else {}), **m})
+                    for c, m in messages.items()}
+            for client, reply in transport.send(sent).items():
+                if isinstance(reply, Rejection):
+                    out[client] = reply
+                    continue
+                try:
+                    fields = unwrap(reply).fields
+                    if fields.get("kind") == "refusal":
+                        out[client] = Rejection(client, f"refused: {fields['reason']}", "refused")
+                        continue
+                    if stage == "train":
+                        metrics.append(self.secure_metrics(client, fields))
+                except (KeyError, TypeError, ValueError, WireError) as exc:
+                    out[client] = Rejection(client, f"malformed reply ({exc})", "malformed reply")
+                    continue
+                out[client] = fields
+            return out
+
+        return exchange
+
+    def secure_metrics(self, client: str, fields: dict[str, Any]) -> dict[str, float]:
+        ledger = fields.get("ledger")
+        if ledger:
+            self.privacy.ledgers[client] = PrivacyLedger.from_dict(json.loads(str(ledger)))
+        return {k: float(v) for k, v in json.loads(str(fields.get("metrics", "{}"))).items()}
 
     def log_rejections(self, round_: int, rejected: list[Rejection]) -> None:
         """Who was left out and why; only how many of each kind where ids are secret."""
@@ -226,7 +325,7 @@ class Coordinator:
 
     def record(self, round_, clients, accepted, rejected, metrics, evaluation, epsilons,
                residual, residual_max, bytes_up, bytes_down, seconds) -> dict[str, Any]:
-        weights = [m.get("num-examples", 0.0) for m in metrics]
+        weights = [m.get("num-examples", 1.0) for m in metrics]  # equal under secure agg.
         losses = [m.get("train_loss", math.nan) for m in metrics]
         total = sum(weights)
         record: dict[str, Any] = {

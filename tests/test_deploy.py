@@ -169,3 +169,16 @@ def test_the_server_refuses_to_start_without_tls_files_unless_insecure(tmp_path)
                        insecure=False)
     argv = superlink_argv(None, host="h", port=1, database=tmp_path / "db", insecure=True)
     assert "--insecure" in argv and "--enable-supernode-auth" not in argv
+
+
+def test_secure_aggregation_over_tls_gives_the_plain_simulations_adapter(deployment, tmp_path):
+    """Three nodes over TLS run SecAgg+'s four stages; the server gets only sums, and its adapter
+    is the plain simulation's within the encoding error."""
+    out = tmp_path / "deployed-secure"
+    deployment.run({**SETTINGS, "secure_aggregation": True, "out": str(out)})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["secagg_quantization_error"] < 1e-6 for r in records)
+    deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
+    simulated = simulated_adapter(tmp_path, SETTINGS)
+    for name, dw in simulated.items():
+        torch.testing.assert_close(deployed[name], dw, rtol=0, atol=1e-5)

@@ -107,3 +107,35 @@ def test_every_shipped_scenario_is_a_valid_configuration(scenario):
     assert config.rounds >= 1 and config.num_clients >= config.sampled_per_round
 
 
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    ({"strategy": "flora"}, "FLoRA stacks"),
+    ({"strategy": "fair"}, "LoRA-FAIR"),
+    ({"strategy": "fedit", "hetero": "flexlora"}, "FlexLoRA sums the products"),
+    ({"strategy": "fedit", "hetero": "hetlora"}, "mixed ranks"),
+    ({"save_client_updates": True}, "save_client_updates"),
+    ({"secagg_bits": 16}, "secagg_bits must be one of"),
+    ({"secagg_threshold": 0.4}, "secagg_threshold must be in"),
+    ({"secagg_max_weight": 10**9}, "exceeds the"),
+])
+def test_secure_aggregation_settings_that_cannot_work_fail_before_any_work(overrides, problem):
+    with pytest.raises(ConfigError, match=problem):
+        SimulationConfig.load(None, {"secure_aggregation": True, **overrides})
+
+
+def test_secure_aggregation_settings_without_it_are_named():
+    with pytest.raises(ConfigError, match=r"secagg_neighbours.*only apply with secure_aggregation"):
+        SimulationConfig.load(None, {"secagg_neighbours": 4})
+
+
+@pytest.mark.parametrize("overrides", [
+    {"strategy": "fedit", "hetero": "hetlora", "ranks": [8]},  # equal ranks: FedAvg
+    {"strategy": "fedit", "hetero": "hetlora-fedavg"},
+    {"strategy": "fedsvd"},
+    # client-level DP sums clipped changes: what it allows, secure aggregation allows
+    {"strategy": "fedit", "hetero": "hetlora", "client_noise_multiplier": 1.0,
+     "client_clip_norm": 1.0},
+])
+def test_secure_aggregation_accepts_what_is_a_sum(overrides):
+    assert SimulationConfig.load(None, {"secure_aggregation": True, **overrides})

@@ -14,8 +14,10 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fedlr.adapters import Adapter
+from fedlr.client_ids import client_order
 from fedlr.errors import RoundFailedError
 from fedlr.lora.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
 from fedlr.lora.validation import ValidationPolicy, validate_update
@@ -49,11 +51,7 @@ def sample_clients(ids: Sequence[str], per_round: float, round_: int, *, seed: i
         chosen = random.Random(f"{seed}:{round_}").sample(list(ids), int(per_round))
     else:
         chosen = draw_clients(ids, per_round, private_sampling, SECURE_RANDOM)
-    return sorted(chosen, key=_client_order)
-
-
-def _client_order(client: str) -> tuple[int, str]:
-    return (int(client), "") if client.isdigit() else (0, client)
+    return sorted(chosen, key=client_order)
 
 
 @dataclass(frozen=True)
@@ -98,6 +96,7 @@ class RoundResult:
     report: AggregationReport
     accepted: list[str]
     rejected: list[Rejection]
+    facts: dict[str, Any] = field(default_factory=dict)  # what a run records besides the state
 
     @property
     def exact(self) -> bool:
@@ -114,7 +113,7 @@ def close_round(strategy: Strategy, state: GlobalState, plan: RoundPlan,
     answered = {r.client_id for r in refused} | {u.client_id for u in updates}
     rejected = [*refused, *(Rejection(c, "no reply (dropped or timed out)", "no reply")
                             for c in plan.downlinks if c not in answered), *plan.unreachable]
-    ordered = sorted(updates, key=lambda u: _client_order(u.client_id))  # reply order is noise
+    ordered = sorted(updates, key=lambda u: client_order(u.client_id))  # reply order is noise
     try:
         result = aggregate_round(strategy, state, ordered, starts=plan.starts, policy=policy)
     except RoundFailedError as exc:

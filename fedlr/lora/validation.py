@@ -83,7 +83,7 @@ def _structure_problem(update: ClientUpdate, strategy: Strategy) -> str | None:
     return None
 
 
-def _non_finite(adapter: Adapter) -> str | None:
+def non_finite(adapter: Adapter) -> str | None:
     for key, t in adapter.tensors().items():
         if not torch.is_floating_point(t):
             return f"{key} has dtype {t.dtype}; LoRA tensors must be floating point"
@@ -109,7 +109,7 @@ def validate_update(
     update: ClientUpdate, strategy: Strategy, start: Adapter, policy: ValidationPolicy
 ) -> str | None:
     """The reason to reject `update`, or None. `start` is what the client was sent this round."""
-    problem = _structure_problem(update, strategy) or _non_finite(update.adapter)
+    problem = _structure_problem(update, strategy) or non_finite(update.adapter)
     if problem:
         return problem
     if not strategy.trains_a:

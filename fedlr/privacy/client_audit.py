@@ -35,7 +35,6 @@ from fedlr.privacy.client_level import (
     client_level_epsilon,
     draw_clients,
     l2_norm,
-    released,
 )
 from fedlr.privacy.sample_level import private_generator
 from fedlr.settings.schema import SimulationConfig
@@ -77,7 +76,7 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
     gen = private_generator("cpu", seed)
     sampler = random.SystemRandom() if seed is None else random.Random(seed + 2)
     q = per_round / num_clients
-    base = released(strategy, state)
+    base = strategy.trained_tensors(state)
     keys = sorted(base)
     directions = []
     for _ in range(canaries):
@@ -99,7 +98,7 @@ def client_level_audit(strategy: Strategy, state: GlobalState, config: ClientDPC
         updates = [_canary_update(i, plan.starts[i], strategy, state, directions[int(i)])
                    for i in ids]
         released_state = close_round(private, state, plan, updates).state
-        noisy_sum = (_flat(released(strategy, released_state)) - before) * per_round
+        noisy_sum = (_flat(strategy.trained_tensors(released_state)) - before) * per_round
         scores += units @ noisy_sum
     bound = best_one_run_bound(scores.tolist(), included.tolist(), config.delta, significance)
     return {

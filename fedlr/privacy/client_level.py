@@ -47,6 +47,7 @@ from fedlr.adapters import Adapter, LoraFactors
 from fedlr.errors import ConfigError
 from fedlr.lora.lowrank import LowRank
 from fedlr.lora.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
+from fedlr.lora.sums import SecureSum, SumSpec
 from fedlr.settings.specs import ClientDPConfig
 
 PRIVACY_UNIT = "one client's whole contribution: all its examples in all rounds"
@@ -66,46 +67,33 @@ class ClientDPReport:
 # -- the release space ------------------------------------------------------------------------
 
 
-def released(strategy: Strategy, state: GlobalState) -> dict[str, Tensor]:
-    """The state's tensors a private round changes, keyed as `client_delta` keys the deltas: B
-    (and A when trained) of every module, the head when trained. Fixed by the state, never by
-    the updates, so it is also exactly the space that is noised."""
-    tensors: dict[str, Tensor] = {}
-    for name in sorted(state.lora):
-        g = state.lora[name]
-        tensors[f"lora_B::{name}"] = g.B
-        if strategy.trains_a:
-            tensors[f"lora_A::{name}"] = g.A
-    if strategy.trains_head:
-        for name in sorted(state.extras):
-            tensors[f"extra::{name}"] = state.extras[name]
-    return tensors
-
-
-def _padded(x: LowRank, rank: int) -> tuple[Tensor, Tensor]:
-    """B with zero columns and A with zero rows up to `rank`."""
-    B = x.B.new_zeros(x.B.shape[0], rank)
-    A = x.A.new_zeros(rank, x.A.shape[1])
-    B[:, : x.rank], A[: x.rank] = x.B, x.A
-    return B, A
+def padded_tensors(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]
+                   ) -> dict[str, Tensor]:
+    """The adapter's tensors under the keys and shapes of `Strategy.trained_tensors`: effective
+    B (A) with zero columns (rows) up to the release's rank, trained head tensors as they are."""
+    out: dict[str, Tensor] = {}
+    for key, shape in shapes.items():
+        kind, _, name = key.partition("::")
+        if kind == "extra":
+            out[key] = adapter.extras[name]
+            continue
+        x = adapter.lora[name].effective()
+        if kind == "lora_B":
+            out[key] = x.B.new_zeros(shape)
+            out[key][:, : x.rank] = x.B
+        else:
+            out[key] = x.A.new_zeros(shape)
+            out[key][: x.rank] = x.A
+    return out
 
 
 def client_delta(
     strategy: Strategy, state: GlobalState, update: ClientUpdate, start: Adapter
 ) -> dict[str, Tensor]:
-    """The update minus its own start, in the padded effective space `released` names."""
-    delta: dict[str, Tensor] = {}
-    for name in sorted(state.lora):
-        rank = state.lora[name].rank
-        b_new, a_new = _padded(update.adapter.lora[name].effective(), rank)
-        b_old, a_old = _padded(start.lora[name].effective(), rank)
-        delta[f"lora_B::{name}"] = b_new - b_old
-        if strategy.trains_a:
-            delta[f"lora_A::{name}"] = a_new - a_old
-    if strategy.trains_head:
-        for name in sorted(state.extras):
-            delta[f"extra::{name}"] = update.adapter.extras[name] - state.extras[name]
-    return delta
+    """The update minus its own start, in the padded effective space of the trained tensors."""
+    shapes = {key: tuple(t.shape) for key, t in strategy.trained_tensors(state).items()}
+    new, old = padded_tensors(update.adapter, shapes), padded_tensors(start, shapes)
+    return {key: new[key] - old[key] for key in shapes}
 
 
 def l2_norm(tensors: Mapping[str, Tensor]) -> float:
@@ -172,7 +160,7 @@ def dp_fedavg(
     updates release pure noise. Inputs are never modified.
     """
     _check_wrappable(strategy, config, expected_clients)
-    total = {key: torch.zeros_like(t) for key, t in released(strategy, state).items()}
+    total = {key: torch.zeros_like(t) for key, t in strategy.trained_tensors(state).items()}
     pre, post = {}, {}
     for update in updates:
         cid = update.client_id
@@ -184,18 +172,24 @@ def dp_fedavg(
         )
         for key, t in clipped.items():
             total[key].add_(t)
-    noise_std = config.noise_multiplier * config.clip_norm
-    _add_noise(total, noise_std, generator)
-    mean = {key: t / expected_clients for key, t in total.items()}
     clipped_count = sum(pre[c] > config.clip_norm for c in pre)
     report = ClientDPReport(
         pre_clip_norms=pre,
         post_clip_norms=post,
         clipped_fraction=clipped_count / len(pre) if pre else 0.0,
-        noise_std=noise_std,
+        noise_std=config.noise_multiplier * config.clip_norm,
         denominator=float(expected_clients),
     )
-    return _apply(strategy, state, mean), report
+    return privatise(strategy, state, total, config, expected_clients, generator), report
+
+
+def privatise(strategy: Strategy, state: GlobalState, total: dict[str, Tensor],
+              config: ClientDPConfig, expected_clients: float, generator: torch.Generator
+              ) -> GlobalState:
+    """The next state from the sum of clipped deltas: N(0, (z S)^2) added to the sum, which is
+    then divided by the fixed `expected_clients` and applied. `total` becomes the noised sum."""
+    _add_noise(total, config.noise_multiplier * config.clip_norm, generator)
+    return _apply(strategy, state, {key: t / expected_clients for key, t in total.items()})
 
 
 def _check_wrappable(strategy: Strategy, config: ClientDPConfig, expected_clients: float) -> None:
@@ -249,6 +243,19 @@ class DPFedAvg(Strategy):
 
     def audited_form(self) -> Strategy:
         return self.inner.audited_form()
+
+    def secure_sum(self, state: GlobalState) -> SumSpec:
+        """Each client's change from its start, clipped to S on the client, unweighted."""
+        shapes = {k: tuple(t.shape) for k, t in self.inner.trained_tensors(state).items()}
+        return SumSpec(shapes, self.spec.max_rank, clip_norm=self.config.clip_norm)
+
+    def aggregate_sum(self, state: GlobalState, total: SecureSum
+                      ) -> tuple[GlobalState, AggregationReport]:
+        """The server's noise on the unmasked sum of clipped changes: what `aggregate` releases,
+        with the clipping done by each client before it masked its part."""
+        new_state = privatise(self.inner, state, dict(total.tensors), self.config,
+                              self.expected_clients, self.generator)
+        return new_state, self.sum_report(new_state.round, total, self.expected_clients)
 
     def carry_over(self, state: GlobalState) -> GlobalState:
         """No valid update: the round still releases, the noise alone."""

@@ -71,6 +71,16 @@ class RunPrivacy:
                                  "of rejections, and the server's view of each update (a trusted "
                                  "server samples, clips and noises)",
         }
+        if config.secure_aggregation:
+            facts.update(
+                clipping="by each client, before it masks its part",
+                noise_added_by="the server, to the unmasked sum of the clipped updates: it sees "
+                               "that sum before the noise, never one client's update",
+                outside_guarantee="client losses and metrics, the number of sampled, accepted "
+                                  "and rejected clients per round and the kinds of rejections, "
+                                  "and the server's view of each round's un-noised sum (a "
+                                  "trusted server samples and noises; secure aggregation hides "
+                                  "the individual updates)")
         if not config.publish_client_ids:
             epsilon = client_level_epsilon(dp, num_clients=n, per_round=m, rounds=round_)
             return {**facts, "epsilon": epsilon}

@@ -17,6 +17,8 @@ from fedlr.data.sources import BUILTIN, PartitionScheme, names_a_file
 from fedlr.errors import ConfigError
 from fedlr.lora.strategies.traits import STRATEGY_NAMES, strategy_traits
 from fedlr.models.sources import resolve_source
+from fedlr.privacy.secagg.graph import threshold
+from fedlr.privacy.secagg.settings import SecAggSettings, check_budget
 from fedlr.settings.specs import (
     HEAD_MODES,
     HETERO_METHODS,
@@ -35,6 +37,7 @@ SECTIONS = {  # a TOML file may group settings in these tables; --help shows the
     "training": "Local training",
     "sample_dp": "Sample-level DP (DP-SGD on each client)",
     "client_dp": "Client-level DP (DP-FedAvg on the server)",
+    "secure_aggregation": "Secure aggregation (SecAgg+: the server sees only sums)",
     "run": "Run",
 }
 _TRAIN = TrainConfig()  # the training defaults are TrainConfig's, declared there once
@@ -118,6 +121,25 @@ class SimulationConfig:
     publish_client_ids: bool = setting(
         False, "Client-level DP: name each round's clients in the run directory; epsilon is "
         "then accounted without amplification by sampling.", "client_dp")
+    secure_aggregation: bool = setting(
+        False, "Secure aggregation (SecAgg+): the server learns only each round's weighted sum "
+        "of updates, never one client's (fedit with hetlora-fedavg, ffa, fedsvd; with or "
+        "without client-level DP).", "secure_aggregation")
+    secagg_neighbours: int = setting(
+        0, "Clients each client shares masks and secrets with (0: all others up to 16 clients, "
+        "above that 3 log2 n, SecAgg+'s random regular graph).", "secure_aggregation")
+    secagg_threshold: float = setting(
+        0.5, "A client's secrets are rebuilt from more than this fraction of its share holders "
+        "(in [0.5, 1)); fewer survivors fail the round.", "secure_aggregation")
+    secagg_clip: float = setting(
+        1.0, "Encoding range: each value a client sends is clipped to [-c, c] (clipped values "
+        "are counted per round); client-level DP uses its clip norm instead.",
+        "secure_aggregation")
+    secagg_bits: int = setting(32, "Encoding width: values are summed modulo 2^bits (32 or 64).",
+                               "secure_aggregation")
+    secagg_max_weight: int = setting(
+        1000, "Example count at which a client's FedAvg weight stops growing (weights are "
+        "min(n, this) / this).", "secure_aggregation")
     export_rank: int | None = setting(None, "flora: compress the exported adapter to this rank.",
                                       "run")
     seed: int = setting(0, "Seed of everything random (not of DP's draws).", "run")
@@ -195,6 +217,7 @@ class SimulationConfig:
             raise ConfigError(f"dataset path not found: {self.dataset}")
         self.train_config()  # TrainConfig and DPConfig validate themselves
         self.check_client_dp()
+        self.check_secure_aggregation()
 
     def check_client_dp(self) -> None:
         dp = self.client_dp_config()
@@ -224,6 +247,28 @@ class SimulationConfig:
                 "save_client_updates would write every client's un-noised update next to the "
                 "client-level DP run; turn one of them off"
             )
+
+    def check_secure_aggregation(self) -> None:
+        if not self.secure_aggregation:
+            changed = [f.name for f in fields(self) if f.name.startswith("secagg_")
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError(f"{changed} only apply with secure_aggregation; turn it on or "
+                                  "remove them")
+            return
+        if self.client_dp_config() is None:
+            mixed = len(set(self.client_ranks().values())) > 1
+            strategy_traits(self.strategy).check_secure_aggregation(self.hetero, mixed)
+        if self.save_client_updates:
+            raise ConfigError("save_client_updates needs every client's update, which secure "
+                              "aggregation hides from the server; turn one of them off")
+        if not (isinstance(self.secagg_neighbours, int) and self.secagg_neighbours >= 0):
+            raise ConfigError(f"secagg_neighbours must be an integer >= 0, got "
+                              f"{self.secagg_neighbours!r}")
+        threshold(2, self.secagg_threshold)  # its range check
+        if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
+            raise ConfigError(f"secagg_clip must be a positive number, got {self.secagg_clip!r}")
+        check_budget(self.secagg_bits, self.num_clients, self.secagg_max_weight)
 
     # -- derived settings ------------------------------------------------------------------------
 
@@ -270,6 +315,10 @@ class SimulationConfig:
             delta=self.delta,
             accountant=self.client_accountant,
         )
+
+    def secagg_settings(self) -> SecAggSettings:
+        return SecAggSettings(self.secagg_neighbours, self.secagg_threshold, self.secagg_clip,
+                              self.secagg_max_weight, self.secagg_bits)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(

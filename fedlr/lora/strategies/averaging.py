@@ -107,8 +107,14 @@ def hetlora_average(previous: LowRank, factors: Sequence[LowRank], weights: Sequ
         A[: x.rank].add_(x.A, alpha=p)
         B[:, : x.rank].add_(x.B, alpha=p)
         held[: x.rank] += p
+    return component_mean(previous, A, B, held)
+
+
+def component_mean(previous: LowRank, A_sum: Tensor, B_sum: Tensor, held: Tensor) -> LowRank:
+    """Rank component j of the weighted sums divided by `held[j]`, the total weight of the
+    clients that hold it; `previous`'s component where none does."""
     kept = held == 0
     share = torch.where(kept, torch.ones_like(held), held)
-    A, B = A / share[:, None], B / share
+    A, B = A_sum / share[:, None], B_sum / share
     A[kept], B[:, kept] = previous.A[kept], previous.B[:, kept]
     return LowRank(B, A)

@@ -26,6 +26,7 @@ from fedlr.lora.lowrank import (
     kaiming_uniform_a,
 )
 from fedlr.lora.strategies.traits import StrategyTraits
+from fedlr.lora.sums import SecureSum, SumSpec
 from fedlr.settings.specs import HEAD_MODES, HETERO_METHODS
 
 
@@ -235,6 +236,21 @@ class Strategy(ABC):
         scaling = self.spec.scaling(rank)
         return {name: LoraFactors.from_effective(x, scaling) for name, x in state.lora.items()}, {}
 
+    def trained_tensors(self, state: GlobalState) -> dict[str, Tensor]:
+        """The state's tensors clients train, keyed `lora_B::name`, `lora_A::name` (when A is
+        trained), `extra::name` (when the head is): the space a private round clips and noises
+        and a secure round sums. Fixed by the state, never by the updates."""
+        tensors: dict[str, Tensor] = {}
+        for name in sorted(state.lora):
+            g = state.lora[name]
+            tensors[f"lora_B::{name}"] = g.B
+            if self.trains_a:
+                tensors[f"lora_A::{name}"] = g.A
+        if self.trains_head:
+            for name in sorted(state.extras):
+                tensors[f"extra::{name}"] = state.extras[name]
+        return tensors
+
     def after_noise(self, x: LowRank) -> LowRank:
         """Post-processing of a privatised global module (client-level DP): none."""
         return x
@@ -270,6 +286,38 @@ class Strategy(ABC):
         """The LoRA and extras a client starts local training from (no base update to merge):
         the reference for validating what it sends back."""
         return self.downlink(state, client_id)
+
+    # -- secure aggregation --------------------------------------------------------------------
+
+    def secure_sum(self, state: GlobalState) -> SumSpec:
+        """What clients sum under secure aggregation: their trained tensors at the largest rank,
+        weighted; refused (ConfigError) where the aggregate needs individual updates."""
+        self.traits.check_secure_aggregation(self.hetero, self.spec.mixed_ranks)
+        shapes = {k: tuple(t.shape) for k, t in self.trained_tensors(state).items()}
+        return SumSpec(shapes, self.spec.max_rank)
+
+    def aggregate_sum(self, state: GlobalState, total: SecureSum
+                      ) -> tuple[GlobalState, AggregationReport]:
+        """The next state from the secure sum of the round's weighted parts."""
+        self.traits.check_secure_aggregation(self.hetero, self.spec.mixed_ranks)
+        raise NotImplementedError(f"{self.name} declares no secure aggregation")
+
+    def mean_extras(self, state: GlobalState, total: SecureSum) -> dict[str, Tensor]:
+        """The head's weighted mean from a secure sum, or the state's own when it is frozen."""
+        if not self.trains_head:
+            return dict(state.extras)
+        return {name: total.tensors[f"extra::{name}"] / total.weight for name in state.extras}
+
+    def sum_report(self, new_round: int, total: SecureSum, smallest_denominator: float
+                   ) -> AggregationReport:
+        """A secure round's report: no per-client weights or residual (the server has neither),
+        the bound on each aggregated value's encoding error, and how many values were clipped."""
+        return AggregationReport(
+            self.name, new_round, {}, math.nan, math.nan, {},
+            details={**self.describe(), "secagg_quantization_error":
+                     total.value_error / smallest_denominator,
+                     "secagg_clipped_values": total.clipped},
+        )
 
     # -- aggregation ---------------------------------------------------------------------------
 

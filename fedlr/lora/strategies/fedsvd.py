@@ -19,6 +19,7 @@ from fedlr.lora.strategies.averaging import IdealUpdate, client_weights, weighte
 from fedlr.lora.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
 from fedlr.lora.strategies.ffa import FFALoRA
 from fedlr.lora.strategies.traits import TRAITS
+from fedlr.lora.sums import SecureSum
 
 
 class FedSVD(Strategy):
@@ -55,3 +56,15 @@ class FedSVD(Strategy):
         return new_state, self.report(
             new_state.round, updates, weights, terms, orthogonality_error=orth_err
         )
+
+    def aggregate_sum(self, state: GlobalState, total: SecureSum
+                      ) -> tuple[GlobalState, AggregationReport]:
+        """The SVD of (sum_k w_k pad(B_k) / sum_k w_k) A_prev, on the unmasked sum."""
+        new_lora = {
+            name: svd(LowRank(total.tensors[f"lora_B::{name}"] / total.weight, current.A)
+                      ).top(current.rank)
+            for name, current in state.lora.items()
+        }
+        new_state = GlobalState(round=state.round + 1, lora=new_lora,
+                                extras=self.mean_extras(state, total))
+        return new_state, self.sum_report(new_state.round, total, total.weight)

@@ -17,6 +17,7 @@ from fedlr.lora.lowrank import LowRank
 from fedlr.lora.strategies.averaging import IdealUpdate, client_weights, weighted_padded_b
 from fedlr.lora.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
 from fedlr.lora.strategies.traits import TRAITS
+from fedlr.lora.sums import SecureSum
 
 
 def fit_b_to_rows(global_update: LowRank, rank: int) -> LowRank:
@@ -53,3 +54,12 @@ class FFALoRA(Strategy):
             extras=self.aggregate_extras(state, updates, weights),
         )
         return new_state, self.report(new_state.round, updates, weights, terms, exact=exact)
+
+    def aggregate_sum(self, state: GlobalState, total: SecureSum
+                      ) -> tuple[GlobalState, AggregationReport]:
+        """B = (sum_k w_k pad(B_k)) / sum_k w_k over the frozen A: the same mean as `aggregate`."""
+        new_lora = {name: LowRank(total.tensors[f"lora_B::{name}"] / total.weight, current.A)
+                    for name, current in state.lora.items()}
+        new_state = GlobalState(round=state.round + 1, lora=new_lora,
+                                extras=self.mean_extras(state, total))
+        return new_state, self.sum_report(new_state.round, total, total.weight)
