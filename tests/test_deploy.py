@@ -37,6 +37,12 @@ def deployment(tmp_path):
     dep.close()
 
 
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> dict:
+    """`fedlr simulate`'s round-2 adapter with SETTINGS, which two tests compare against."""
+    return simulated_adapter(tmp_path_factory.mktemp("simulated"), SETTINGS)
+
+
 def simulated_adapter(folder, settings: dict) -> dict:
     out = folder / "simulated"
     simulate(SimulationConfig.load(None, {**settings, "out": str(out)}), client_app)
@@ -59,12 +65,13 @@ def wait_for_round(out, round_: int, seconds: float = 300) -> None:
     raise TimeoutError(f"round {round_} did not finish in {seconds} s")
 
 
-def test_a_tls_deployment_gives_the_same_adapter_as_the_simulation(deployment, tmp_path):
+def test_a_tls_deployment_gives_the_same_adapter_as_the_simulation(deployment, tmp_path,
+                                                                     simulated):
     out = tmp_path / "deployed"
     deployment.run({**SETTINGS, "out": str(out)})
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
-    assert_same(deployed, simulated_adapter(tmp_path, SETTINGS))
+    assert_same(deployed, simulated)
 
 
 def test_nodes_that_cannot_prove_who_they_are_or_speak_plain_text_are_refused(deployment,
@@ -171,7 +178,8 @@ def test_the_server_refuses_to_start_without_tls_files_unless_insecure(tmp_path)
     assert "--insecure" in argv and "--enable-supernode-auth" not in argv
 
 
-def test_secure_aggregation_over_tls_gives_the_plain_simulations_adapter(deployment, tmp_path):
+def test_secure_aggregation_over_tls_gives_the_plain_simulations_adapter(deployment, tmp_path,
+                                                                          simulated):
     """Three nodes over TLS run SecAgg+'s four stages; the server gets only sums, and its adapter
     is the plain simulation's within the encoding error."""
     out = tmp_path / "deployed-secure"
@@ -179,6 +187,5 @@ def test_secure_aggregation_over_tls_gives_the_plain_simulations_adapter(deploym
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["secagg_quantization_error"] < 1e-6 for r in records)
     deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
-    simulated = simulated_adapter(tmp_path, SETTINGS)
     for name, dw in simulated.items():
         torch.testing.assert_close(deployed[name], dw, rtol=0, atol=1e-5)
