@@ -14,4 +14,9 @@ class AdapterFileError(FedlrError):
 
 
 class RoundFailedError(FedlrError):
-    """Too few valid client updates to aggregate; the global state was left unchanged."""
+    """Too few valid client updates to aggregate; the global state was left unchanged.
+    `rejected` holds the round's rejections (`fedlr.lora.rounds.Rejection`), for the record."""
+
+    def __init__(self, message: str, rejected: list | None = None) -> None:
+        super().__init__(message)
+        self.rejected = list(rejected or [])

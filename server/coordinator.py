@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.adapters import Adapter, LoraFactors, load_into_peft_model
+from fedlr.errors import RoundFailedError
 from fedlr.evaluation import evaluate
 from fedlr.federation import Federation
 from fedlr.lora.rounds import (
@@ -28,6 +29,7 @@ from fedlr.lora.rounds import (
     RoundPlan,
     RoundResult,
     close_round,
+    failed_round,
     plan_round,
     sample_clients,
 )
@@ -177,13 +179,19 @@ class Coordinator:
         jobs = {c: TrainJob(self.job(c, round_), d).to_parts() for c, d in plan.downlinks.items()}
         updates: list[ClientUpdate] = []  # individual updates: none under secure aggregation
         metrics: list[dict[str, float]] = []
-        if config.secure_aggregation:
-            exchange = self.secure_exchange(transport, jobs, metrics)
-            result = secure_round(strategy, state, plan, exchange, config.secagg_settings(),
-                                  min_valid_updates=config.min_valid_updates,
-                                  max_update_norm=config.max_update_norm)
-        else:
-            result = self.plain_round(transport, jobs, plan, state, updates, metrics)
+        try:
+            if config.secure_aggregation:
+                exchange = self.secure_exchange(transport, jobs, metrics)
+                result = secure_round(strategy, state, plan, exchange, config.secagg_settings(),
+                                      min_valid_updates=config.min_valid_updates,
+                                      max_update_norm=config.max_update_norm)
+            else:
+                result = self.plain_round(transport, jobs, plan, state, updates, metrics)
+        except RoundFailedError as exc:  # recorded; the adapter carries over, the run goes on
+            result = failed_round(strategy, state, exc)
+            if not config.client_ids_public:  # its reason names clients
+                result.facts["round_failed"] = "the round failed (its reason names clients)"
+            log.warning("%s", result.facts["round_failed"])
         bytes_up, bytes_down = transport.bytes_up, transport.bytes_down
         self.log_rejections(round_, result.rejected)
         new_state = result.state

@@ -151,6 +151,9 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
     if evaluation:
         console.print(evaluation_note(evaluation), highlight=False)
     for record in records:
+        if "round_failed" in record:
+            console.print(f"round {record['round']} failed, the adapter carried over: "
+                          f"{record['round_failed']}", highlight=False)
         for rejection in record["rejected"]:
             who = f"client {rejection['client']}" if "client" in rejection else "a client"
             console.print(f"round {record['round']}: rejected {who}: {rejection['reason']}",

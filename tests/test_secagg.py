@@ -16,7 +16,7 @@ from scipy import stats
 from secagg_clients import InProcessClients, dense, digit_ids, round_inputs, widest
 
 from fedlr.errors import ConfigError, RoundFailedError
-from fedlr.lora.rounds import aggregate_round
+from fedlr.lora.rounds import aggregate_round, failed_round
 from fedlr.lora.strategies import make_strategy
 from fedlr.lora.sums import SumSpec
 from fedlr.privacy.client_level import DPFedAvg
@@ -204,9 +204,13 @@ def test_a_client_that_drops_after_sending_its_masked_part_still_counts():
 def test_below_the_threshold_the_round_fails_and_the_state_is_unchanged():
     strategy, state, updates = federation("ffa", 9, [4] * 5)  # complete graph: t = 3 of 5
     before = {n: x.B.clone() for n, x in state.lora.items()}
-    with pytest.raises(RoundFailedError, match="the threshold is 3"):
+    with pytest.raises(RoundFailedError, match="the threshold is 3") as failure:
         run(strategy, state, updates, tamper=drop("unmask", {"0", "1", "2"}))
     assert all(torch.equal(state.lora[n].B, b) for n, b in before.items())
+    recorded = failed_round(strategy, state, failure.value)  # what a run records, then goes on
+    assert recorded.state.round == state.round + 1 and recorded.accepted == []
+    assert all(torch.equal(recorded.state.lora[n].B, b) for n, b in before.items())
+    assert "the threshold is 3" in recorded.facts["round_failed"]
 
 
 def test_a_masked_part_of_the_wrong_length_is_excluded_and_the_round_goes_on():

@@ -516,3 +516,22 @@ def test_a_compressed_flora_export_loses_exactly_the_energy_it_reports(runs):
         total = float(torch.linalg.matrix_norm(full[name])) ** 2
         assert 0.0 < energy <= 1.0
         assert lost == pytest.approx((1 - energy) * total, rel=1e-3, abs=1e-12)
+
+
+def test_a_failed_round_is_recorded_and_the_run_goes_on(tmp_path):
+    """Every update above max_update_norm: both rounds fail with their reasons, the adapter
+    carries over unchanged, and the run still ends with its export."""
+    config = tiny_config(tmp_path / "run", "ffa", max_update_norm=1e-12, save_client_updates=False)
+    simulate(config, client_app)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert "0 valid update(s)" in record["round_failed"]
+        assert record["num_accepted"] == 0
+        assert all("exceeds max_update_norm" in r["reason"] for r in record["rejected"])
+    initial = load_delta_weights(tmp_path / "run" / "rounds" / "0001" / "global.safetensors")
+    final = load_delta_weights(tmp_path / "run" / "rounds" / "0002" / "global.safetensors")
+    assert all(torch.equal(initial[n], final[n]) for n in initial)
+    assert all(float(dw.abs().max()) == 0 for dw in final.values())  # B starts at zero
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -120,10 +120,18 @@ def close_round(strategy: Strategy, state: GlobalState, plan: RoundPlan,
         if not rejected:
             raise
         raise RoundFailedError(f"{exc} (plus {len(rejected)} rejected before validation: "
-                               + "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) + ")"
-                               ) from None
+                               + "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) + ")",
+                               [*rejected, *exc.rejected]) from None
     result.rejected[:0] = rejected
     return result
+
+
+def failed_round(strategy: Strategy, state: GlobalState, error: RoundFailedError) -> RoundResult:
+    """A round that failed, as a run records it and goes on: the adapter carries over to the
+    next round unchanged, with the failure's rejections and its reason."""
+    new_state = strategy.carry_over(state)
+    report = AggregationReport(strategy.name, new_state.round, {}, math.nan, math.nan, {})
+    return RoundResult(new_state, report, [], list(error.rejected), {"round_failed": str(error)})
 
 
 def aggregate_round(
@@ -165,7 +173,7 @@ def aggregate_round(
         why = "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) or "no updates arrived"
         raise RoundFailedError(
             f"round {state.round + 1}: {len(accepted)} valid update(s), at least "
-            f"{needed} needed; the global state is unchanged ({why})"
+            f"{needed} needed; the global state is unchanged ({why})", rejected
         )
     if not accepted:  # allowed by the policy: the adapter carries over
         new_state = strategy.carry_over(state)

@@ -224,7 +224,7 @@ def _rebuild(round_: int, owner: str, what: str, shares: list[bytes], t: int,
 def _fail(round_: int, why: str, rejected: list[Rejection]) -> NoReturn:
     left = "; ".join(f"{r.client_id}: {r.reason}" for r in rejected)
     raise RoundFailedError(f"round {round_}: secure aggregation failed: {why}; the global state "
-                           f"is unchanged" + (f" (left out: {left})" if left else ""))
+                           f"is unchanged" + (f" (left out: {left})" if left else ""), rejected)
 
 
 def _facts(report: Any, dropped_after_masking: int, k: int, t: int,
