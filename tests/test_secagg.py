@@ -213,6 +213,12 @@ def test_below_the_threshold_the_round_fails_and_the_state_is_unchanged():
     assert "the threshold is 3" in recorded.facts["round_failed"]
 
 
+def test_a_sum_over_one_client_is_never_unmasked_without_noise():
+    strategy, state, updates = federation("ffa", 13, [4] * 3)
+    with pytest.raises(RoundFailedError, match="a sum over one client would be its update"):
+        run(strategy, state, updates, tamper=drop("mask", {"1", "2"}), min_valid_updates=1)
+
+
 def test_a_masked_part_of_the_wrong_length_is_excluded_and_the_round_goes_on():
     strategy, state, updates = federation("ffa", 10, [2, 4, 8, 4])
 

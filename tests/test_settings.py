@@ -118,6 +118,7 @@ def test_every_shipped_scenario_is_a_valid_configuration(scenario):
     ({"secagg_bits": 16}, "secagg_bits must be one of"),
     ({"secagg_threshold": 0.4}, "secagg_threshold must be in"),
     ({"secagg_max_weight": 10**9}, "exceeds the"),
+    ({"clients_per_round": 1}, "at least 2 clients per round"),
 ])
 def test_secure_aggregation_settings_that_cannot_work_fail_before_any_work(overrides, problem):
     with pytest.raises(ConfigError, match=problem):

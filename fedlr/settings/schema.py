@@ -262,6 +262,9 @@ class SimulationConfig:
         if self.save_client_updates:
             raise ConfigError("save_client_updates needs every client's update, which secure "
                               "aggregation hides from the server; turn one of them off")
+        if self.client_dp_config() is None and self.sampled_per_round < 2:
+            raise ConfigError("secure aggregation needs at least 2 clients per round: the sum "
+                              "over one client is its update; sample more clients")
         if not (isinstance(self.secagg_neighbours, int) and self.secagg_neighbours >= 0):
             raise ConfigError(f"secagg_neighbours must be an integer >= 0, got "
                               f"{self.secagg_neighbours!r}")

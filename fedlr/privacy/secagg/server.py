@@ -145,10 +145,11 @@ def secure_round(strategy: Strategy, state: GlobalState, plan: RoundPlan, exchan
                                           "not open the shares it sent", "malformed reply"))
                 del masked[culprit]
     u3 = sorted(masked, key=client_order)
-    needed = 0 if strategy.every_round_released else min_valid_updates
+    # without noise on it, a sum over one client is that client's update
+    needed = 0 if strategy.every_round_released else max(min_valid_updates, 2)
     if len(u3) < needed:
-        _fail(round_, f"{len(u3)} client(s) sent a valid masked part, at least {needed} needed",
-              rejected)
+        _fail(round_, f"{len(u3)} client(s) sent a valid masked part, at least {needed} needed "
+              "(a sum over one client would be its update)", rejected)
     if not u3:
         new_state = strategy.carry_over(state)
         report = strategy.sum_report(new_state.round, decode(encoding, np.zeros(
