@@ -16,8 +16,8 @@ Every secret and nonce comes from the OS's entropy.
 Why not Flower's `flwr.common.secure_aggregation`, which its own SecAgg+ driver uses: its mask
 PRG folds its seed into 32 bits for numpy's Mersenne Twister (a server could search the seeds);
 its Shamir wrapper (pycryptodome's, above) pads a 32-byte secret to three blocks and starts a
-thread pool per call (24 ms per secret here); its Fernet tokens in base64 make a share message 2.2
-times longer than AES-GCM's raw bytes.
+thread pool per call (24 ms per secret here); its base64 Fernet token of two padded shares takes
+248 bytes per neighbour, where AES-GCM's raw bytes take 100.
 """
 
 from __future__ import annotations
