@@ -183,7 +183,8 @@ class LocalTrainer:
     ) -> TrainResult:
         """One round of local training; the ledger (DP only) is updated in place on success.
 
-        `seed` makes non-private training reproducible (data order, FLoRA's fresh factors).
+        `seed` makes non-private training reproducible (data order, dropout, FLoRA's fresh
+        factors).
         Under DP the batch draws and the noise come from OS entropy; `dp_seed` replaces it in
         tests only. `limits` are the node's own (checked before the first step, with the job's
         budget). `canaries` (DP with per-sample gradients only) join the training set as extra
@@ -228,7 +229,13 @@ class LocalTrainer:
         optimizer = self._optimizer(params)
         model.train()
         losses: list[float] = []
-        with self._dp_engine(model, optimizer, plan, noise_gen, universe, canaries) as engine:
+        # dropout draws from torch's global generator: forked, and seeded without DP, so that a
+        # non-private round is reproducible from its seed whatever ran before in this process
+        forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with forked, self._dp_engine(model, optimizer, plan, noise_gen, universe,
+                                     canaries) as engine:
+            if plan is None:
+                torch.manual_seed(seed)
             for indices in sampler:
                 real = [i for i in indices if i < n]
                 engine.zero_grad()

@@ -189,6 +189,24 @@ def test_no_noise_and_no_clipping_reproduce_non_private_training():
     assert_same_trained_adapter(private.adapter, plain.adapter, start, 1e-10, 1e-12)
 
 
+def test_a_non_private_round_with_dropout_is_reproducible_from_its_seed():
+    """Dropout draws from torch's global generator, which whatever ran before in a worker moves:
+    two rounds with the same seed train the same adapter anyway (MiniLM has dropout 0.1)."""
+    host, data, start = float64_start()
+    for module in host._base.modules():  # test only: the frozen base behind the host
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    torch.manual_seed(123)
+    first = train_round(host, data, start, None)
+    torch.rand(1000)  # another client's work in the same process
+    second = train_round(host, data, start, None)
+    assert_same_trained_adapter(second.adapter, first.adapter, start, 0, 0)
+    other = LocalTrainer(host, TrainConfig(local_steps=4, batch_size=4, lr=0.05,
+                                           optimizer="sgd")).train("c", start, data, rank=RANK,
+                                                                   seed=4)
+    assert not all(torch.equal(other.adapter.lora[n].B, f.B) for n, f in first.adapter.lora.items())
+
+
 def test_a_fused_round_equals_the_opacus_hooks_round_and_gives_peft_back():
     """Same data draws and noise draws: the fused LoRA layers train the same adapter as peft's
     layers under Opacus hooks, and the model runs peft's own forward again afterwards."""
