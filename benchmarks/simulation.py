@@ -1,14 +1,16 @@
-"""200 virtual clients x 2 rounds of `fedlr simulate` on the tiny preset, against the same local
-training run back to back in one plain loop.
+"""`fedlr simulate` with its two engines side by side: client-rounds per second, per-client and
+batched, on the tiny preset (200 clients) and on the default model (32 clients, batch 16), each
+with and without DP-SGD, 5 local steps, 2 rounds, with the peak resident memory summed over every
+process of the run (the driver, Ray's services and its workers, sampled every 0.2 s). The tiny
+non-private job is also run as one plain loop in one process (no Flower, no Ray), the floor of
+what a simulation costs.
 
-Reports wall time, milliseconds per client-round, the peak resident memory summed over every
-process of the run (the driver, Ray's services and its workers, sampled every 0.2 s) and three
-ratios to the plain loop: whole job to whole job (each in a fresh process: imports, model and data
-loading, training), the rounds to the loop's training alone, and the last round (after start-up)
-to one round of the loop. Targets: peak RSS <= 4 GB, ratio <= 1.5.
-Writes benchmarks/results/simulation.json.
+Throughput is reported over all rounds (the first includes starting the workers, which load the
+model and data) and over the last round alone (steady state). Targets on a 2-core CPU: batched
+>= 3x per-client on tiny and >= 1.5x on the default model; 200 tiny clients within 1.5 GB.
+Writes benchmarks/results/simulation.json and simulation.png.
 
-Run: python benchmarks/simulation.py [--clients 200 --rounds 2 --local-steps 5]
+Run: python benchmarks/simulation.py [--models tiny,minilm --rounds 2 --local-steps 5]
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).parent / "results" / "simulation.json"
+ENGINES = ("per-client", "batched")
+MODELS = {  # the job of each model, as `fedlr.settings.schema.SimulationConfig` fields
+    "tiny": {"model": "tiny", "strategy": "ffa", "num_clients": 200, "ranks": [4, 8],
+             "batch_size": 8},
+    "minilm": {"model": "minilm", "strategy": "ffa", "num_clients": 32, "ranks": [8],
+               "batch_size": 16},
+}
+TARGETS = {"tiny": {"speedup": 3.0, "peak_rss_mb": 1536}, "minilm": {"speedup": 1.5}}
 
 
 class TreeRSS:
@@ -50,16 +60,21 @@ class TreeRSS:
             time.sleep(0.2)
 
 
-def settings(args: argparse.Namespace) -> dict:
-    """The run both sides perform, as `fedlr.settings.schema.SimulationConfig` fields."""
-    return {"model": "tiny", "strategy": "ffa", "num_clients": args.clients, "rounds": args.rounds,
-            "ranks": [4, 8], "local_steps": args.local_steps, "batch_size": 8, "seed": 0}
+def settings(model: str, args: argparse.Namespace, engine: str = "per-client",
+             dp: bool = False) -> dict:
+    job = {**MODELS[model], "rounds": args.rounds, "local_steps": args.local_steps, "seed": 0,
+           "engine": engine}
+    if dp:
+        job.update(noise_multiplier=1.0, max_grad_norm=1.0)
+    return job
 
 
-def run_simulation(args: argparse.Namespace, out: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+def run_simulation(job: dict, out: Path) -> dict:
+    """One `fedlr simulate` in a fresh process, timed from outside, its memory sampled."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FEDLR_CACHE_DIR": str(out.parent / "epsilon-cache")}
     config = out.parent / "simulation.toml"  # JSON scalars and lists are valid TOML values
-    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings(args).items()))
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in job.items()))
     cmd = [sys.executable, "-m", "fedlr.cli", "simulate", "--config", str(config),
            "--out", str(out)]
     start = time.perf_counter()
@@ -72,19 +87,30 @@ def run_simulation(args: argparse.Namespace, out: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"simulation failed:\n{err}")
-    return {"wall_seconds": wall, "peak_rss_mb_all_processes": meter.peak / 2**20}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    clients = job["num_clients"]
+    rounds = [r["seconds"] for r in records]
+    return {"wall_seconds": wall, "peak_rss_mb_all_processes": meter.peak / 2**20,
+            "round_seconds": rounds,
+            "client_rounds_per_second": clients * len(rounds) / sum(rounds),
+            "steady_client_rounds_per_second": clients / rounds[-1],
+            "client_step_seconds": sum(r.get("client_step_seconds", 0.0) for r in records),
+            "client_seconds": sum(r.get("client_seconds", 0.0) for r in records),
+            "exchange_seconds": sum(r.get("exchange_seconds", 0.0) for r in records),
+            "eval_accuracy": records[-1].get("eval_accuracy"),
+            "rejected": sum(len(r["rejected"]) for r in records)}
 
 
 def plain_loop(args: argparse.Namespace) -> dict:
-    """The same rounds (the core's plan, the clients' local training one after another, the
-    core's close) in this process, no Flower."""
+    """The tiny non-private job (the core's plan, the clients' local training one after
+    another, the core's close) in this process, no Flower."""
     from fedlr.client.training import LocalTrainer
     from fedlr.federation import Federation
     from fedlr.lora.rounds import close_round, plan_round
     from fedlr.lora.strategies import ClientUpdate
     from fedlr.settings.schema import SimulationConfig
 
-    config = SimulationConfig.load(None, settings(args))
+    config = SimulationConfig.load(None, settings("tiny", args))
     fed = Federation.build(config)
     trainer = LocalTrainer(fed.model.host, config.train_config())
     strategy = fed.strategy
@@ -105,17 +131,37 @@ def plain_loop(args: argparse.Namespace) -> dict:
 def plain_loop_process(args: argparse.Namespace) -> dict:
     """The plain loop as a whole job in a fresh process (imports, loading, training), timed
     from outside like the simulation."""
-    cmd = [sys.executable, __file__, "--plain-worker", "--clients", str(args.clients),
-           "--rounds", str(args.rounds), "--local-steps", str(args.local_steps)]
+    cmd = [sys.executable, __file__, "--plain-worker", "--rounds", str(args.rounds),
+           "--local-steps", str(args.local_steps)]
     start = time.perf_counter()
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {"wall_seconds": time.perf_counter() - start,
             **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def chart(results: dict, path: Path) -> None:
+    """Steady-state client-rounds per second of each engine, per model and DP mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [(m, mode) for m in results for mode in results[m]]
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.6), squeeze=False)
+    for ax, (model, mode) in zip(axes[0], cases, strict=True):
+        case = results[model][mode]
+        ax.bar(ENGINES, [case[e]["steady_client_rounds_per_second"] for e in ENGINES],
+               color=["tab:gray", "tab:blue"])
+        ax.set_title(f"{model}, {mode.replace('_', ' ')}\n{case['speedup_steady']:.2f}x")
+        ax.set_ylabel("client-rounds / s (last round)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--models", default="tiny,minilm")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
@@ -123,35 +169,41 @@ def main() -> None:
     if args.plain_worker:
         print(json.dumps(plain_loop(args)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        simulated = run_simulation(args, Path(tmp) / "run")
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl")
-                   .read_text().splitlines()]
-    loop = plain_loop_process(args)
-    client_rounds = args.clients * args.rounds
+    results: dict = {}
+    for model in args.models.split(","):
+        results[model] = {}
+        for dp in (False, True):
+            case = {}
+            for engine in ENGINES:
+                with tempfile.TemporaryDirectory() as tmp:
+                    case[engine] = run_simulation(settings(model, args, engine, dp),
+                                                  Path(tmp) / "run")
+                print(model, "dp" if dp else "no dp", engine, json.dumps(case[engine]),
+                      flush=True)
+            case["speedup"] = (case["batched"]["client_rounds_per_second"]
+                               / case["per-client"]["client_rounds_per_second"])
+            case["speedup_steady"] = (case["batched"]["steady_client_rounds_per_second"]
+                                      / case["per-client"]["steady_client_rounds_per_second"])
+            results[model]["dp" if dp else "no_dp"] = case
     result = {
         "benchmark": "simulation",
-        "settings": settings(args),
+        "settings": {m: settings(m, args) for m in results},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "memory_gb": psutil.virtual_memory().total / 2**30},
-        "simulation": {**simulated,
-                       "ms_per_client_round": 1000 * simulated["wall_seconds"] / client_rounds,
-                       "round_seconds": [r["seconds"] for r in records],
-                       "rejected": sum(len(r["rejected"]) for r in records)},
-        "plain_loop": {**loop,
-                       "ms_per_client_round": 1000 * loop["training_seconds"] / client_rounds},
-        # whole job against whole job: both import, load the model and the data, and train
-        "ratio_simulation_to_plain_loop": simulated["wall_seconds"] / loop["wall_seconds"],
-        # the training alone: the simulation's rounds against the loop's training time
-        "ratio_rounds_to_plain_loop_training": sum(r["seconds"] for r in records)
-        / loop["training_seconds"],
-        # the last round alone, once Ray's workers have started and loaded model and data
-        "ratio_last_round_to_plain_loop_round": records[-1]["seconds"]
-        / (loop["training_seconds"] / args.rounds),
-        "targets": {"peak_rss_mb": 4096, "ratio": 1.5},
+        "results": results,
+        "targets": {m: TARGETS[m] for m in results},
     }
+    if "tiny" in results:
+        loop = plain_loop_process(args)
+        per_client = results["tiny"]["no_dp"]["per-client"]
+        result["plain_loop_tiny_no_dp"] = {
+            **loop, "client_rounds_per_second": MODELS["tiny"]["num_clients"] * args.rounds
+            / loop["training_seconds"]}
+        result["ratio_per_client_rounds_to_plain_loop_training"] = (
+            sum(per_client["round_seconds"]) / loop["training_seconds"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    chart(results, RESULTS.with_suffix(".png"))
     print(json.dumps(result, indent=2))
 
 

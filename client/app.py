@@ -10,6 +10,7 @@ node's data does not come from the server: its privacy ledger and limits are the
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,28 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlr.adapters import Adapter
-from fedlr.client.training import LocalTrainer
-from fedlr.errors import FedlrError
+from fedlr.client.group_training import GroupJob, GroupTrainer
+from fedlr.client.training import LocalTrainer, TrainResult
+from fedlr.errors import ConfigError, FedlrError
 from fedlr.lora.strategies.base import ClientUpdate
 from fedlr.models.hosts import resolve_device
 from fedlr.privacy.node import SIMULATED_NODES_ENV, NodeLimits, NodeState
 from fedlr.privacy.secagg.client import respond
 from fedlr.privacy.secagg.encoding import Encoding, encode
 from fedlr.session import data_session, local_shard, model_session
-from fedlr.wire import Job, Parts, Refusal, TrainJob, TrainReply
+from fedlr.wire import (
+    GROUP_FIELD,
+    Job,
+    Parts,
+    Refusal,
+    TrainJob,
+    TrainReply,
+    bundle,
+    unbundle,
+)
 
 app = ClientApp()
+log = logging.getLogger("fedlr")
 
 
 def node_privacy(node_config: dict[str, Any]) -> tuple[NodeState, NodeLimits]:
@@ -77,6 +89,61 @@ def run_job(job: Job, downlink: Adapter, local_data: str | None = None,
     return TrainReply(job.client_id, result.adapter, result.num_examples, numbers, ledger)
 
 
+def run_group(downs: dict[str, TrainJob], nodes: Path, engine: str, chunk_tokens: int = 0
+              ) -> dict[str, TrainReply | Refusal]:
+    """A simulation's batched group: its clients trained together in this worker
+    (`GroupTrainer`), each within its own simulated node's privacy state, exactly as if each had
+    trained alone. Where the model is beyond the batched engine, `auto` trains them one by one."""
+    first = next(iter(downs.values())).job
+    model = first.model_spec()
+    session = model_session(model, first.alpha, first.train["device"])
+    data = data_session(first.data_spec(), model)
+    config = first.train_config()
+    out: dict[str, TrainReply | Refusal] = {}
+    members: list[tuple[GroupJob, NodeState]] = []
+    for client, down in downs.items():
+        job, state = down.job, NodeState(nodes / client)
+        try:
+            if (job.model_spec(), job.data_spec(), job.train_config()) != (
+                    model, first.data_spec(), config):
+                raise FedlrError("a group's clients must share one model, data and training "
+                                 "configuration")
+            ledger = (state.ledger(job.ledger, config.dp.accountant, client)
+                      if config.dp is not None else None)
+        except FedlrError as exc:
+            out[client] = Refusal(client, str(exc))
+            continue
+        members.append((GroupJob(client, down.downlink, data.shard(int(client)), job.rank,
+                                 job.train_a, job.train_head, ledger, job.seed), state))
+    trainer = LocalTrainer(session.host, config)
+    try:
+        results = GroupTrainer(trainer, chunk_tokens or None).train([job for job, _ in members])
+    except ConfigError as exc:
+        if engine == "batched":
+            raise
+        log.info("training the group one by one: %s", exc)
+        results = [_alone(trainer, job) for job, _ in members]
+    for (job, state), result in zip(members, results, strict=True):
+        if isinstance(result, FedlrError):
+            out[job.client_id] = Refusal(job.client_id, str(result))
+            continue
+        if job.ledger is not None:
+            state.save(job.ledger)  # before the reply: every round the server sees is counted
+        numbers = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
+        out[job.client_id] = TrainReply(job.client_id, result.adapter, result.num_examples,
+                                        numbers, job.ledger)
+    return {c: out[c] for c in downs}
+
+
+def _alone(trainer: LocalTrainer, job: GroupJob) -> TrainResult | FedlrError:
+    try:
+        return trainer.train(job.client_id, job.start, job.data, rank=job.rank,
+                             train_a=job.train_a, train_head=job.train_head, ledger=job.ledger,
+                             seed=job.seed)
+    except FedlrError as exc:
+        return exc
+
+
 def records(parts: Parts) -> RecordDict:
     """Parts as Flower carries them (the server unwraps them the same way)."""
     return RecordDict({"arrays": ArrayRecord(torch_state_dict=parts.arrays),
@@ -94,12 +161,42 @@ def train(msg: Message, context: Context) -> Message:
     parts = Parts(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["fields"]))
     if "stage" in parts.fields:
         return Message(content=records(secure_stage(parts, context)), reply_to=msg)
+    if GROUP_FIELD in parts.fields:
+        return Message(content=records(train_group(parts)), reply_to=msg)
     down = TrainJob.from_parts(parts)
     try:
         reply = train_here(down, context).to_parts(train_a=down.job.train_a)
     except FedlrError as exc:  # a refusal (budget, bad local data): the server logs the reason
         reply = Refusal(down.job.client_id, str(exc)).to_parts()
     return Message(content=records(reply), reply_to=msg)
+
+
+def train_group(parts: Parts) -> Parts:
+    """A batched group's message: each member's reply under its id. Only a simulated node
+    trains other clients than itself; a deployed node refuses."""
+    each = unbundle(parts)
+    root = os.environ.get(SIMULATED_NODES_ENV)
+    replies: dict[str, Parts] = {}
+    downs: dict[str, TrainJob] = {}
+    for client, p in each.items():
+        try:
+            if not root:
+                raise FedlrError("a group of clients is trained in a simulation only; a deployed "
+                                 "node trains itself (use engine per-client)")
+            downs[client] = TrainJob.from_parts(p)
+        except FedlrError as exc:
+            replies[client] = Refusal(client, str(exc)).to_parts()
+    if downs:
+        try:
+            done = run_group(downs, Path(str(root)), str(parts.fields.get("engine", "auto")),
+                             int(parts.fields.get("chunk_tokens", 0)))
+        except FedlrError as exc:
+            done = {c: Refusal(c, str(exc)) for c in downs}
+        for client, reply in done.items():
+            train_a = downs[client].job.train_a
+            replies[client] = (reply.to_parts(train_a=train_a) if isinstance(reply, TrainReply)
+                               else reply.to_parts())
+    return bundle({c: replies[c] for c in each})
 
 
 def secure_stage(parts: Parts, context: Context) -> Parts:

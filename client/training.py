@@ -49,10 +49,34 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ClientRound:
+    """One client's round between `LocalTrainer.begin` and `finish`: the rank's PEFT model
+    holding its start adapter, the trainable tensors (`params`, named `names`, in the model's
+    order, which is the order DP-SGD draws its noise in), the plan and the sampler."""
+
+    client_id: str
+    data: Encoded
+    rank: int
+    seed: int
+    model: Any
+    names: list[str]
+    params: list[Tensor]
+    before: list[Tensor]
+    plan: DPPlan | None
+    sampler: BatchSampler
+    noise_gen: torch.Generator | None
+    ledger: PrivacyLedger | None
+    started: float
+    timings: dict[str, float]
+    losses: list[float] = field(default_factory=list)
+
+
 class BatchSampler(Protocol):
     """The index sets of a round's steps; `poisson` says whether they are what the accountant
     assumes (recorded in the ledger, so privacy.json states the sampling really used)."""
 
+    n: int  # the examples it draws from (canaries included)
     poisson: bool
 
     def __iter__(self) -> Iterator[list[int]]: ...
@@ -159,12 +183,75 @@ class LocalTrainer:
             return PoissonBatches(n, plan.sample_rate, plan.steps, generator)
         return ShuffledBatches(n, self.config.batch_size, self.config.local_steps, generator)
 
-    def _optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+    def optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         if self.config.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     # -- training ------------------------------------------------------------------------------
+
+    def begin(
+        self,
+        client_id: str,
+        start: Adapter,
+        data: Encoded,
+        *,
+        rank: int,
+        train_a: bool = True,
+        train_head: bool = True,
+        ledger: PrivacyLedger | None = None,
+        seed: int = 0,
+        canaries: GradientCanaries | None = None,
+        limits: NodeLimits | None = None,
+        dp_seed: int | None = None,
+    ) -> ClientRound:
+        """Everything before the first step: the checks (data, ledger, budget, the node's own
+        limits), the adapter loaded into the rank's PEFT model, the DP plan and the sampler."""
+        n = len(data)
+        if n == 0:
+            raise FedlrError(f"client {client_id} has no training examples; repartition the data")
+        dp = self.config.dp
+        if limits is not None:
+            limits.check_job(dp, client_id)
+        if dp is not None and ledger is None:
+            raise FedlrError(f"client {client_id}: DP training needs the client's privacy ledger")
+        started = time.perf_counter()
+        if not start.lora:  # FLoRA: a fresh LoRA every round, on the merged base
+            start = Adapter(self.host.fresh_lora(rank, seed), start.base, start.extras, start.meta)
+        model = self._prepare(start, rank, train_a, train_head)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        universe = n + (canaries.count if canaries is not None else 0)
+
+        plan, accountant_seconds = None, 0.0
+        if dp is not None:
+            assert ledger is not None
+            tic = time.perf_counter()
+            plan = self.plan_dp(dp, universe, sum(p.numel() for p in params))
+            ledger.check_budget(plan.segment, dp.delta, dp.budget, client_id)
+            if limits is not None:
+                limits.check_round(plan.noise_multiplier, plan.segment, ledger, client_id)
+            accountant_seconds = time.perf_counter() - tic
+        if canaries is not None:
+            if plan is None or plan.mode not in ("hooks", "fused"):
+                raise ConfigError("gradient canaries need DP-SGD with per-sample gradients "
+                                  "(grad_sample_mode hooks or fused)")
+            canaries.bind(params)
+
+        if plan is None:
+            batch_gen, noise_gen = torch.Generator().manual_seed(seed), None
+        else:
+            batch_gen = private_generator("cpu", dp_seed)
+            noise_gen = private_generator(self.host.device,
+                                          None if dp_seed is None else dp_seed + 1)
+        return ClientRound(
+            client_id=client_id, data=data, rank=rank, seed=seed, model=model,
+            names=[name for name, _ in named], params=params,
+            before=[p.detach().clone() for p in params], plan=plan,
+            sampler=self.batches(universe, plan, batch_gen), noise_gen=noise_gen, ledger=ledger,
+            started=started, timings={"setup_seconds": time.perf_counter() - started
+                                      - accountant_seconds,
+                                      "accountant_seconds": accountant_seconds})
 
     def train(
         self,
@@ -189,97 +276,87 @@ class LocalTrainer:
         tests only. `limits` are the node's own (checked before the first step, with the job's
         budget). `canaries` (DP with per-sample gradients only) join the training set as extra
         indices after the real examples, drawn by the same sampler, for an audit."""
-        n = len(data)
-        if n == 0:
-            raise FedlrError(f"client {client_id} has no training examples; repartition the data")
-        dp = self.config.dp
-        if limits is not None:
-            limits.check_job(dp, client_id)
-        if dp is not None and ledger is None:
-            raise FedlrError(f"client {client_id}: DP training needs the client's privacy ledger")
-        started = time.perf_counter()
-        if not start.lora:  # FLoRA: a fresh LoRA every round, on the merged base
-            start = Adapter(self.host.fresh_lora(rank, seed), start.base, start.extras, start.meta)
-        model = self._prepare(start, rank, train_a, train_head)
-        params = [p for p in model.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in params]
-        trainable = sum(p.numel() for p in params)
-        universe = n + (canaries.count if canaries is not None else 0)
-
-        plan = None
-        if dp is not None:
-            assert ledger is not None
-            plan = self.plan_dp(dp, universe, trainable)
-            ledger.check_budget(plan.segment, dp.delta, dp.budget, client_id)
-            if limits is not None:
-                limits.check_round(plan.noise_multiplier, plan.segment, ledger, client_id)
-        if canaries is not None:
-            if plan is None or plan.mode not in ("hooks", "fused"):
-                raise ConfigError("gradient canaries need DP-SGD with per-sample gradients "
-                                  "(grad_sample_mode hooks or fused)")
-            canaries.bind(params)
-
-        device = self.host.device
-        if plan is None:
-            batch_gen, noise_gen = torch.Generator().manual_seed(seed), None
-        else:
-            batch_gen = private_generator("cpu", dp_seed)
-            noise_gen = private_generator(device, None if dp_seed is None else dp_seed + 1)
-        sampler = self.batches(universe, plan, batch_gen)
-        optimizer = self._optimizer(params)
+        run = self.begin(client_id, start, data, rank=rank, train_a=train_a,
+                         train_head=train_head, ledger=ledger, seed=seed, canaries=canaries,
+                         limits=limits, dp_seed=dp_seed)
+        n, plan, model, device = len(data), run.plan, run.model, self.host.device
+        tic = time.perf_counter()
+        optimizer = self.optimizer(run.params)
         model.train()
-        losses: list[float] = []
         # dropout draws from torch's global generator: forked, and seeded without DP, so that a
         # non-private round is reproducible from its seed whatever ran before in this process
-        forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        with forked, self._dp_engine(model, optimizer, plan, noise_gen, universe,
-                                     canaries) as engine:
-            if plan is None:
-                torch.manual_seed(seed)
-            for indices in sampler:
+        with self.dropout_rng(seed if plan is None else None), \
+                self._dp_engine(model, optimizer, plan, run.noise_gen,
+                                run.sampler.n, canaries) as engine:
+            for indices in run.sampler:
                 real = [i for i in indices if i < n]
                 engine.zero_grad()
                 if real:
                     batch = data.batch(real).to(device)
-                    with self._autocast(plan):
+                    with self.autocast(plan):
                         loss = per_example_loss(model, batch, self.host.task)
-                    losses.extend(loss.detach().float().tolist())
+                    run.losses.extend(loss.detach().float().tolist())
                     engine.backward(loss)
                 else:
-                    engine.no_examples(params)
+                    engine.no_examples(run.params)
                 engine.step([i - n for i in indices if i >= n])
         model.eval()
+        run.timings["step_seconds"] = time.perf_counter() - tic
+        return self.finish(run)
 
-        changed = any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
+    def dropout_rng(self, seed: int | None) -> contextlib.AbstractContextManager[Any]:
+        """torch's global generator forked (dropout draws from it), and seeded when `seed` is
+        given (non-private training), so that whatever ran before in this process does not
+        change the round."""
+        device = self.host.device
+
+        @contextlib.contextmanager
+        def forked() -> Iterator[None]:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                yield
+
+        return forked()
+
+    def finish(self, run: ClientRound) -> TrainResult:
+        """After the last step: refuse an adapter that never moved, read the trained adapter
+        from the PEFT model, record the DP steps in the ledger, and report."""
+        changed = any(not torch.equal(b, p.detach())
+                      for b, p in zip(run.before, run.params, strict=True))
         if not changed:
             raise TrainingError(
-                f"client {client_id}: no trainable weight changed after {self.config.local_steps} "
-                "steps; the optimizer is not updating the adapter (see opacus#820: move the model "
-                "to its device before attaching LoRA and DP)"
+                f"client {run.client_id}: no trainable weight changed after "
+                f"{self.config.local_steps} steps; the optimizer is not updating the adapter "
+                "(see opacus#820: move the model to its device before attaching LoRA and DP)"
             )
-        adapter = from_peft_model(model, self.host.adapter_name(rank))
-        adapter.meta = {"client_id": client_id, "num_examples": n, "rank": rank}
+        n = len(run.data)
+        adapter = from_peft_model(run.model, self.host.adapter_name(run.rank))
+        adapter.meta = {"client_id": run.client_id, "num_examples": n, "rank": run.rank}
         metrics: dict[str, Any] = {
-            "train_loss": sum(losses) / len(losses) if losses else math.nan,
+            "train_loss": sum(run.losses) / len(run.losses) if run.losses else math.nan,
             "steps": self.config.local_steps,
-            "examples_seen": len(losses),
-            "seconds": time.perf_counter() - started,
-            "device": str(device),
+            "examples_seen": len(run.losses),
+            "device": str(self.host.device),
         }
+        plan, ledger, dp = run.plan, run.ledger, self.config.dp
         if plan is not None and ledger is not None and dp is not None:
-            ledger.record(plan.segment, poisson=sampler.poisson)
+            tic = time.perf_counter()
+            ledger.record(plan.segment, poisson=run.sampler.poisson)
             metrics.update(
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=plan.max_grad_norm,
                 sample_rate=plan.sample_rate,
                 grad_sample_mode=plan.mode,
-                poisson=sampler.poisson,
+                poisson=run.sampler.poisson,
                 epsilon=ledger.epsilon(dp.delta),
                 delta=dp.delta,
             )
+            run.timings["accountant_seconds"] += time.perf_counter() - tic
+        metrics.update(run.timings, seconds=time.perf_counter() - run.started)
         return TrainResult(adapter, n, metrics)
 
-    def _autocast(self, plan: DPPlan | None) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self, plan: DPPlan | None) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on CUDA for non-private training only: per-sample gradients and their
         norms stay in fp32 so that clipping is exact."""
         device = self.host.device

@@ -164,3 +164,36 @@ def reply_from_parts(parts: Parts, start: Adapter | None = None) -> TrainReply |
     except (KeyError, ValueError, TypeError, AttributeError, ConfigError) as exc:
         raise WireError(f"malformed reply ({type(exc).__name__}: {exc})") from None
     return TrainReply(client, adapter, n, metrics, ledger)
+
+
+GROUP_FIELD = "group"
+
+
+def bundle(parts: dict[str, Parts], **fields: Scalar) -> Parts:
+    """Several clients' messages as one (a batched group's, in a simulation): each tensor and
+    field under its client's id, the ids in order in `group`, plus `fields` for the group."""
+    if any("/" in client for client in parts):
+        raise ValueError("client ids in a group must not contain '/'")
+    return Parts(
+        {f"{c}/{k}": t for c, p in parts.items() for k, t in p.arrays.items()},
+        {**{f"{c}/{k}": v for c, p in parts.items() for k, v in p.fields.items()},
+         **fields, GROUP_FIELD: json.dumps(list(parts))},
+    )
+
+
+def unbundle(parts: Parts) -> dict[str, Parts]:
+    """`bundle` undone: each client's own message, in the group's order."""
+    try:
+        clients = [str(c) for c in json.loads(str(parts.fields[GROUP_FIELD]))]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"malformed group ({type(exc).__name__}: {exc})") from None
+    out: dict[str, Parts] = {c: Parts({}, {}) for c in clients}
+    for key, t in parts.arrays.items():
+        client, _, name = key.partition("/")
+        if client in out:
+            out[client].arrays[name] = t
+    for key, v in parts.fields.items():
+        client, _, name = key.partition("/")
+        if name and client in out:
+            out[client].fields[name] = v
+    return out

@@ -14,10 +14,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlr.errors import ConfigError
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.simulation import finish, open_run
-from fedlr.settings.schema import SimulationConfig
-from fedlr.settings.text import SETTINGS, from_text
+from fedlr.settings.schema import PLACEMENT_SETTINGS, SimulationConfig
+from fedlr.settings.text import SETTINGS, default_of, from_text
 
 app = ServerApp()
 
@@ -27,7 +28,14 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[SimulationConfig
     resume = bool(values.pop("resume", False))
     typed = {key: from_text(SETTINGS[key], value) if key in SETTINGS else value
              for key, value in values.items()}  # unknown names: the schema says which
-    return SimulationConfig.load(None, typed), resume
+    config = SimulationConfig.load(None, typed)
+    placed = [name for name in PLACEMENT_SETTINGS
+              if getattr(config, name) != default_of(SETTINGS[name])]
+    if placed:
+        raise ConfigError(f"{placed} apply to `fedlr simulate` only; under `flwr run` the "
+                          "federation's options place the clients (e.g. options.backend."
+                          "client-resources); remove them from the run config")
+    return config, resume
 
 
 def show_fedlr_log() -> None:

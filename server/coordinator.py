@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,9 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.adapters import Adapter, LoraFactors, load_into_peft_model
+from fedlr.client_ids import client_order
 from fedlr.errors import RoundFailedError
 from fedlr.evaluation import evaluate
 from fedlr.federation import Federation
+from fedlr.grouping import Grouping
 from fedlr.lora.rounds import (
     Rejection,
     RoundPlan,
@@ -39,9 +40,22 @@ from fedlr.lora.validation import ValidationPolicy
 from fedlr.privacy.report import RunPrivacy
 from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.privacy.secagg.server import Exchange, secure_round
+from fedlr.server.grouping import count_workers
 from fedlr.server.nodes import NodeDirectory
+from fedlr.server.records import evaluates, round_record
 from fedlr.server.rundir import RunDir
-from fedlr.wire import Job, Parts, Refusal, TrainJob, WireError, job_settings, reply_from_parts
+from fedlr.wire import (
+    GROUP_FIELD,
+    Job,
+    Parts,
+    Refusal,
+    TrainJob,
+    WireError,
+    bundle,
+    job_settings,
+    reply_from_parts,
+    unbundle,
+)
 
 log = logging.getLogger("fedlr")
 
@@ -67,37 +81,75 @@ def size(content: RecordDict) -> int:
 @dataclass
 class Transport:
     """One exchange with a round's nodes over the Grid: each client's message out, each answer
-    back (or a Rejection: the node failed, or its node is offline), bytes counted both ways."""
+    back (or a Rejection: the node failed, or its node is offline), bytes counted both ways.
+
+    With `groups` (a simulation's batched engine) each group's messages travel as one, to the
+    node of its first client, whose worker trains them together; the answer is unbundled, so
+    everything after the transport sees one reply per client either way."""
 
     grid: Grid
     nodes: dict[str, int]
     timeout: float | None
+    grouping: Grouping | None = None
+    groups: list[list[str]] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    seconds: float = 0.0  # waiting for the nodes: their training and Flower's carrying
 
-    def send(self, parts: dict[str, Parts]) -> dict[str, Message | Rejection]:
+    def send(self, parts: dict[str, Parts]) -> dict[str, Parts | Rejection]:
+        carried = self._carried(parts)
         messages = []
-        for client, p in parts.items():
+        for carrier, (p, _) in carried.items():
             content = records(p)
             self.bytes_down += size(content)
-            messages.append(Message(content=content, dst_node_id=self.nodes[client],
+            messages.append(Message(content=content, dst_node_id=self.nodes[carrier],
                                     message_type="train"))
+        started = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        self.seconds += time.perf_counter() - started
         # by the message answered: Flower's own error replies (node offline) come from the
         # SuperLink, not from the node; the grid gave each message its id when it pushed it
-        sent_to = {m.metadata.message_id: c for m, c in zip(messages, parts, strict=True)}
-        out: dict[str, Message | Rejection] = {}
+        sent_to = {m.metadata.message_id: c for m, c in zip(messages, carried, strict=True)}
+        out: dict[str, Parts | Rejection] = {}
         for reply in replies:
-            client = sent_to.get(reply.metadata.reply_to_message_id)
-            if client is None:
+            carrier = sent_to.get(reply.metadata.reply_to_message_id)
+            if carrier is None:
                 continue  # not an answer to these messages
+            members = carried[carrier][1]
             if reply.has_error():
-                out[client] = Rejection(client, f"client failed: {reply.error.reason}",
-                                        "client failed")
+                out.update({c: Rejection(c, f"client failed: {reply.error.reason}",
+                                         "client failed") for c in members})
                 continue
             self.bytes_up += size(reply.content)
-            out[client] = reply
+            out.update(self._answers(members, reply))
         return out
+
+    def group_fields(self) -> dict[str, str | int]:
+        """What a group's worker is told besides the jobs: the engine and its pass size."""
+        assert self.grouping is not None
+        return {"engine": self.grouping.engine, "chunk_tokens": self.grouping.chunk_tokens}
+
+    def _carried(self, parts: dict[str, Parts]) -> dict[str, tuple[Parts, list[str]]]:
+        """What each carrier node is sent, and for which clients."""
+        groups = [[c for c in g if c in parts] for g in self.groups]
+        grouped = {c for g in groups for c in g}
+        out = {c: (p, [c]) for c, p in parts.items() if c not in grouped}
+        for group in filter(None, groups):
+            out[group[0]] = (bundle({c: parts[c] for c in group}, **self.group_fields()), group)
+        return out
+
+    @staticmethod
+    def _answers(members: list[str], reply: Message) -> dict[str, Parts | Rejection]:
+        """Each member's own reply (a malformed one is that member's rejection)."""
+        try:
+            parts = unwrap(reply)
+            each = unbundle(parts) if len(members) > 1 or GROUP_FIELD in parts.fields else {
+                members[0]: parts}
+        except (KeyError, TypeError, ValueError, WireError) as exc:
+            return {c: Rejection(c, f"malformed reply ({exc})", "malformed reply")
+                    for c in members}
+        return {c: each[c] if c in each else Rejection(c, "its group's reply left it out",
+                                                        "malformed reply") for c in members}
 
 
 @dataclass
@@ -105,6 +157,7 @@ class Coordinator:
     fed: Federation
     run: RunDir
     on_round: Callable[[dict[str, Any]], None] = lambda record: None
+    grouping: Grouping | None = None  # a simulation's batched engine; deployed: None
     privacy: RunPrivacy = field(init=False)
 
     def __post_init__(self) -> None:
@@ -168,14 +221,21 @@ class Coordinator:
     def round(self, grid: Grid, nodes: dict[str, int], state: GlobalState, round_: int
               ) -> GlobalState:
         """Plan the round in the core, carry each downlink to its node and the replies back,
-        close the round in the core, then write what it released."""
+        close the round in the core, then write what it released. The record times each part:
+        waiting for the nodes (`exchange_seconds`), the server's own work up to the new state
+        (`aggregate_seconds`: sampling, planning, encoding jobs, decoding replies, closing), the
+        evaluation, the accountant, and the files written before the record (its metrics line
+        and the checkpoint come after it, which must stay last)."""
         started = time.perf_counter()
         config, strategy = self.fed.config, self.fed.strategy
         dp = config.client_dp_config()
         clients = sample_clients(config.client_ids(), config.sampled_per_round, round_,
                                  seed=config.seed, private_sampling=dp and dp.sampling)
         plan = plan_round(strategy, state, clients, reachable=nodes)
-        transport = Transport(grid, nodes, config.round_timeout)
+        transport = Transport(grid, nodes, config.round_timeout, self.grouping)
+        if self.grouping is not None:
+            transport.groups = self.grouping.split(sorted(plan.downlinks, key=client_order),
+                                                   count_workers(config))
         jobs = {c: TrainJob(self.job(c, round_), d).to_parts() for c, d in plan.downlinks.items()}
         updates: list[ClientUpdate] = []  # individual updates: none under secure aggregation
         metrics: list[dict[str, float]] = []
@@ -197,24 +257,34 @@ class Coordinator:
         new_state = result.state
         accepted = sorted(result.accepted, key=int)
 
+        closed = time.perf_counter()
+        evaluation = (self.evaluate(new_state)
+                      if evaluates(round_, config.rounds, config.eval_every) else None)
+        evaluated = time.perf_counter()
+        epsilons = self.privacy.epsilons()
+        self.privacy.joined(accepted)
+        client_level = self.privacy.client_level(round_)
+        accounted = time.perf_counter()
         self.run.save_global(round_, self.global_adapter(new_state))
         if config.save_client_updates:
             for update in updates:
                 if update.client_id in accepted:
                     self.run.save_client(round_, update.client_id, update.adapter)
-        evaluation = self.evaluate(new_state)
-        epsilons = self.privacy.epsilons()
-        record = self.record(round_, clients, accepted, result.rejected, metrics, evaluation,
-                             epsilons, result.report.residual, result.report.residual_max,
-                             bytes_up, bytes_down, time.perf_counter() - started)
+        self.privacy.write(self.run.root / "privacy.json", epsilons, client_level)
+        written = time.perf_counter()
+        record = round_record(config, round_, clients, accepted, result.rejected, metrics,
+                              evaluation, epsilons, result.report.residual,
+                              result.report.residual_max, bytes_up, bytes_down, written - started)
+        record.update(exchange_seconds=transport.seconds,
+                      aggregate_seconds=closed - started - transport.seconds,
+                      eval_seconds=evaluated - closed if evaluation else 0.0,
+                      accountant_seconds=accounted - evaluated,
+                      checkpoint_seconds=written - accounted)
         record["aggregation_exact"] = result.exact
         record.update(result.facts)
-        self.privacy.joined(accepted)
-        client_level = self.privacy.client_level(round_)
         if client_level:
             record["client_epsilon"] = client_level["epsilon"]
         self.run.append_metrics(record)
-        self.privacy.write(self.run.root / "privacy.json", epsilons, client_level)
         self.checkpoint(new_state)
         self.on_round(record)
         return new_state
@@ -240,14 +310,14 @@ class Coordinator:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def parse(self, client: str, reply: Message | Rejection, downlink: Adapter
+    def parse(self, client: str, reply: Parts | Rejection, downlink: Adapter
               ) -> tuple[ClientUpdate | None, Rejection | None, dict[str, float]]:
         """A reply as a ClientUpdate, or why it cannot be one (never raises). A ledger in the
         reply is the client's own: the server records it as reported."""
         if isinstance(reply, Rejection):
             return None, reply, {}
         try:
-            answer = reply_from_parts(unwrap(reply), downlink)
+            answer = reply_from_parts(reply, downlink)
         except (KeyError, TypeError, WireError) as exc:
             return None, Rejection(client, str(exc) if isinstance(exc, WireError) else
                                    f"malformed reply ({type(exc).__name__}: {exc})",
@@ -276,7 +346,7 @@ class Coordinator:
                     out[client] = reply
                     continue
                 try:
-                    fields = unwrap(reply).fields
+                    fields = reply.fields
                     if fields.get("kind") == "refusal":
                         out[client] = Rejection(client, f"refused: {fields['reason']}", "refused")
                         continue
@@ -330,35 +400,3 @@ class Coordinator:
 
     def evaluate(self, state: GlobalState) -> dict[str, float]:
         return evaluate(self.eval_model(state), self.fed.data.heldout, self.fed.config.task)
-
-    def record(self, round_, clients, accepted, rejected, metrics, evaluation, epsilons,
-               residual, residual_max, bytes_up, bytes_down, seconds) -> dict[str, Any]:
-        weights = [m.get("num-examples", 1.0) for m in metrics]  # equal under secure agg.
-        losses = [m.get("train_loss", math.nan) for m in metrics]
-        total = sum(weights)
-        record: dict[str, Any] = {
-            "round": round_,
-            "num_clients": len(clients),
-            "num_accepted": len(accepted),
-            "train_loss": sum(w * v for w, v in zip(weights, losses, strict=True)) / total
-            if total else None,
-            "eval_loss": evaluation["loss"],
-            "aggregation_residual": None if math.isnan(residual) else residual,
-            "aggregation_residual_max": None if math.isnan(residual_max) else residual_max,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "seconds": seconds,
-        }
-        if self.fed.config.client_ids_public:
-            record.update(clients=clients, accepted=accepted,
-                          rejected=[{"client": r.client_id, "reason": r.reason}
-                                    for r in rejected])
-        else:  # client-level DP: the sample stays secret, so counts and kinds only
-            record["rejected"] = [{"reason": r.kind} for r in rejected]
-        if "accuracy" in evaluation:
-            record["eval_accuracy"] = evaluation["accuracy"]
-        if "perplexity" in evaluation:
-            record["eval_perplexity"] = evaluation["perplexity"]
-        if epsilons:
-            record["epsilon_max"] = max(epsilons.values())
-        return record

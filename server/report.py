@@ -34,6 +34,13 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def evaluated(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """The rounds that have a held-out value, and the values: with `eval_every` above 1 the
+    others hold None, and the curve to draw runs through the evaluated rounds alone."""
+    kept = [r for r in records if r.get(key) is not None]
+    return [r["round"] for r in kept], [r[key] for r in kept]
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -81,15 +88,17 @@ def plot(records: list[dict[str, Any]], path: Path, title: str,
     for ax, (key, label) in zip(axes[0], shown, strict=True):
         if key == "loss":
             before = [0] if start else []
-            ax.plot(before + rounds, ([start["loss"]] if start else [])
-                    + [r["eval_loss"] for r in records], marker="o", label="held-out")
+            xs, ys = evaluated(records, "eval_loss")
+            ax.plot(before + xs, ([start["loss"]] if start else []) + ys, marker="o",
+                    label="held-out")
             ax.plot(rounds, [r["train_loss"] for r in records], marker="s", label="train (clients)")
             ax.legend()
         elif key in ("eval_accuracy", "eval_perplexity"):
             metric = key.removeprefix("eval_")
             before = [0] if start and metric in start else []
-            ax.plot(before + rounds, ([start[metric]] if before else [])
-                    + [r.get(key) for r in records], marker="o", label="global adapter")
+            xs, ys = evaluated(records, key)
+            ax.plot(before + xs, ([start[metric]] if before else []) + ys, marker="o",
+                    label="global adapter")
             if key == "eval_accuracy" and "chance_accuracy" in evaluation:
                 ax.axhline(evaluation["chance_accuracy"], color="grey", linestyle="--",
                            label="most frequent class")

@@ -239,7 +239,7 @@ def test_an_adapter_that_never_moves_is_refused():
     host, data = tiny_host()
     start = current_adapter(host, RANK)
     trainer = LocalTrainer(host, TrainConfig(local_steps=2, batch_size=4, lr=1e-3))
-    trainer._optimizer = lambda params: torch.optim.SGD(params, lr=0.0)  # a stuck optimizer
+    trainer.optimizer = lambda params: torch.optim.SGD(params, lr=0.0)  # a stuck optimizer
     with pytest.raises(TrainingError, match="opacus#820"):
         trainer.train("c", start, data, rank=RANK)
 

@@ -140,3 +140,50 @@ def test_secure_aggregation_settings_without_it_are_named():
 ])
 def test_secure_aggregation_accepts_what_is_a_sum(overrides):
     assert SimulationConfig.load(None, {"secure_aggregation": True, **overrides})
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    ({"worker_cpus": 0}, "worker_cpus must be a positive number"),
+    ({"worker_cpus": -1.0}, "worker_cpus must be a positive number"),
+    ({"worker_cpus": float("nan")}, "worker_cpus must be a positive number"),
+    ({"worker_gpus": -0.5}, "worker_gpus must be a number of GPUs"),
+    ({"worker_gpus": 1.5}, "a fraction of one GPU, or a whole number"),
+    ({"ray_address": ""}, "ray_address must be a Ray cluster address"),
+    ({"ray_address": "head node:6379"}, "ray_address must be a Ray cluster address"),
+])
+def test_ray_settings_that_cannot_work_are_named(overrides, problem):
+    with pytest.raises(ConfigError, match=problem):
+        SimulationConfig.load(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"ray_address": "auto", "worker_cpus": 2, "worker_gpus": 1},
+    {"ray_address": "10.0.0.1:6379", "worker_cpus": 0.5, "worker_gpus": 0.25},
+    {"worker_gpus": 0}, {"worker_gpus": 2},
+])
+def test_ray_settings_accept_what_ray_accepts(overrides):
+    assert SimulationConfig.load(None, overrides)
+
+
+def test_ray_settings_are_refused_under_flwr_run():
+    """`flwr run` places the clients by its federation's options: a Ray setting would be
+    silently ignored there."""
+    with pytest.raises(ConfigError, match=r"\['ray_address', 'worker_cpus'\] apply to `fedlr "
+                       r"simulate` only"):
+        config_from_run_config({"ray-address": "auto", "worker-cpus": 2.0})
+
+
+def test_a_run_resumes_on_another_ray_but_not_with_other_settings(tmp_path):
+    """Where the clients run is no part of the run: a resume may change it, nothing else."""
+    from fedlr.errors import FedlrError
+    from fedlr.server.rundir import RunDir
+    from fedlr.server.simulation import check_resume
+
+    started = SimulationConfig.load(None, {"out": str(tmp_path)})
+    recorded = started.to_dict()
+    del recorded["worker_gpus"]  # a run recorded before the setting existed
+    (tmp_path / "run.json").write_text(json.dumps({"config": recorded}))
+    moved = replace(started, ray_address="auto", worker_cpus=2.0, worker_gpus=0.5)
+    check_resume(RunDir(tmp_path), moved)
+    with pytest.raises(FedlrError, match=r"differ from the run.*\['rounds'\]"):
+        check_resume(RunDir(tmp_path), replace(moved, rounds=started.rounds + 1))

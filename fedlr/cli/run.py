@@ -18,9 +18,9 @@ from fedlr.errors import FedlrError
 @app.command()
 @with_settings
 def simulate(config: Path | None, resume: bool, overrides: dict[str, Any]) -> None:
-    """Simulate a federation on this machine (Flower simulation engine). With no options: the
-    default model (all-MiniLM-L6-v2) on the built-in stdlib-docs task, ffa, 8 clients. Ctrl-C
-    stops it within seconds; --resume continues it."""
+    """Simulate a federation on this machine, or on a Ray cluster with --ray-address (Flower
+    simulation engine). With no options: the default model (all-MiniLM-L6-v2) on the built-in
+    stdlib-docs task, ffa, 8 clients. Ctrl-C stops it within seconds; --resume continues it."""
     from fedlr.settings.schema import SimulationConfig
 
     check_resume(config, resume, overrides)

@@ -69,11 +69,17 @@ def collate(items: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> Batch:
     return Batch(input_ids, mask, torch.stack([label for _, label in items]))
 
 
+def _at_least_fp32(logits: Tensor) -> Tensor:
+    """Half-precision logits are upcast for the loss; float64 ones stay float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def per_example_loss(model: torch.nn.Module, batch: Batch, task: str) -> Tensor:
     """Loss of each example: cross-entropy of its label, or its mean next-token loss."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     if task == "classification":
-        return torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")
+        return torch.nn.functional.cross_entropy(_at_least_fp32(logits), batch.labels,
+                                                 reduction="none")
     return sequence_token_losses(logits, batch).sum(1) / token_counts(batch).clamp(min=1)
 
 
@@ -81,7 +87,7 @@ def sequence_token_losses(logits: Tensor, batch: Batch) -> Tensor:
     """Next-token cross-entropy per position (B x T-1), zero at padding."""
     targets = batch.input_ids[:, 1:]
     losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, reduction="none"
+        _at_least_fp32(logits[:, :-1]).transpose(1, 2), targets, reduction="none"
     )
     return losses * batch.attention_mask[:, 1:]
 

@@ -4,7 +4,6 @@ client-level guarantee, and privacy.json. The coordinator feeds it; nothing here
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,6 @@ from fedlr.privacy.client_level import (
 )
 from fedlr.privacy.sample_level import PrivacyLedger, opacus_epsilon
 from fedlr.settings.schema import SimulationConfig
-
-
-@functools.lru_cache(maxsize=4096)
-def history_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
-                    accountant: str) -> float:
-    return opacus_epsilon(history, delta, accountant)
 
 
 @dataclass
@@ -47,12 +40,13 @@ class RunPrivacy:
                 self.client_rounds[client] = self.client_rounds.get(client, 0) + 1
 
     def epsilons(self) -> dict[str, float]:
-        """Each client's epsilon so far, computed once per round (and only for histories that
-        changed): the PRV accountant is the costly part of a round with hundreds of clients."""
+        """Each client's epsilon so far: the accountant is the costly part of a round with
+        hundreds of clients, so only histories no process has seen are computed
+        (`opacus_epsilon` keeps every value; the clients have computed most already)."""
         dp = self.config.dp_config()
         if dp is None:
             return {}
-        return {c: history_epsilon(tuple(led.history), dp.delta, led.accountant)
+        return {c: opacus_epsilon(led.history, dp.delta, led.accountant)
                 for c, led in self.ledgers.items()}
 
     def client_level(self, round_: int) -> dict[str, Any]:

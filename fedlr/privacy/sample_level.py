@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 import torch
 
 from fedlr.errors import ConfigError, FedlrError
+from fedlr.privacy.epsilon_cache import cached
 from fedlr.privacy.solve import MAX_NOISE, Unreachable, smallest_noise
 
 Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
@@ -43,15 +46,33 @@ def private_generator(device: torch.device | str = "cpu", seed: int | None = Non
 
 
 def opacus_epsilon(history: Sequence[Segment], delta: float, accountant: str = "prv") -> float:
-    """Epsilon of a DP-SGD history by Opacus's accountant (`prv` or `rdp`)."""
+    """Epsilon of a DP-SGD history by Opacus's accountant (`prv` or `rdp`), computed once per
+    machine (`fedlr.privacy.epsilon_cache`). Neighbouring segments of one mechanism are merged
+    first, so a budget check's history and the ledger's after the round are one key."""
+    merged = tuple((float(s), float(q), int(n)) for (s, q), n in _steps_by_mechanism(history))
+    if not merged:
+        return 0.0
+    if any(s == 0 for s, _, _ in merged):
+        return math.inf  # a noiseless step releases its gradients as they are
+    return _cached_opacus_epsilon(merged, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_opacus_epsilon(history: tuple[Segment, ...], delta: float, accountant: str
+                           ) -> float:
+    """The in-process memo in front of the machine's cache; the key holds every float exactly
+    (`repr`) and Opacus's version, so an upgrade computes afresh."""
+    key = json.dumps({"accountant": f"opacus {accountant}", "version": version("opacus"),
+                      "delta": repr(delta), "history": [[repr(s), repr(q), n]
+                                                        for s, q, n in history]})
+    return cached(key, lambda: _opacus_epsilon(history, delta, accountant))
+
+
+def _opacus_epsilon(history: Sequence[Segment], delta: float, accountant: str) -> float:
     from opacus.accountants import create_accountant
 
-    if not history:
-        return 0.0
-    if any(s == 0 for s, _, _ in history):
-        return math.inf  # a noiseless step releases its gradients as they are
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     with _quiet_rdp_orders():
         return float(acc.get_epsilon(delta))
 

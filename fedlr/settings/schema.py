@@ -15,10 +15,10 @@ from typing import Any
 
 from fedlr.data.sources import BUILTIN, PartitionScheme, names_a_file
 from fedlr.errors import ConfigError
-from fedlr.lora.strategies.traits import STRATEGY_NAMES, strategy_traits
+from fedlr.lora.strategies.traits import STRATEGY_NAMES
 from fedlr.models.sources import resolve_source
-from fedlr.privacy.secagg.graph import threshold
-from fedlr.privacy.secagg.settings import SecAggSettings, check_budget
+from fedlr.privacy.secagg.settings import SecAggSettings
+from fedlr.settings.checks import check_client_dp, check_placement, check_secure_aggregation
 from fedlr.settings.specs import (
     HEAD_MODES,
     HETERO_METHODS,
@@ -41,6 +41,10 @@ SECTIONS = {  # a TOML file may group settings in these tables; --help shows the
     "run": "Run",
 }
 _TRAIN = TrainConfig()  # the training defaults are TrainConfig's, declared there once
+# Where and how `fedlr simulate` trains the simulated clients (which Ray, what each worker
+# reserves, the engine): not part of a run's result, so a resumed run may change them; `flwr
+# run` places clients by its federation's options, and its nodes train themselves.
+PLACEMENT_SETTINGS = ("ray_address", "worker_cpus", "worker_gpus", "engine", "group_size")
 
 
 def setting(default: Any, help: str, section: str, *, flags: tuple[str, ...] = ()) -> Any:
@@ -92,11 +96,21 @@ class SimulationConfig:
     max_length: int = setting(_TRAIN.max_length, "Tokens per example.", "data")
     eval_examples: int = setting(400, "Held-out examples the server evaluates on each round "
                                  "(a stratified subset).", "data")
+    eval_every: int = setting(1, "Evaluate the global adapter every this many rounds (the "
+                              "last round always; others record no held-out metrics).", "data")
     local_steps: int = setting(_TRAIN.local_steps, "Local optimiser steps per round.",
                                "training")
     batch_size: int = setting(_TRAIN.batch_size, "Local (expected) batch size.", "training")
     lr: float = setting(_TRAIN.lr, "Local learning rate.", "training")
     optimizer: str = setting(_TRAIN.optimizer, "Local optimiser: adamw or sgd.", "training")
+    engine: str = setting(
+        "auto", "How a simulation's workers train their clients: batched (a group of the "
+        "round's clients per pass of the frozen base, each with its own adapter, optimizer, "
+        "sampler and noise), per-client (one after another), or auto (batched, except under "
+        "secure aggregation). Deployed nodes always train themselves alone.", "training")
+    group_size: int | None = setting(
+        None, "Batched engine: the most clients per group (unset: the round's clients spread "
+        "over the workers, as many as memory allows).", "training")
     noise_multiplier: float | None = setting(None, "DP-SGD noise sigma (sample-level DP).",
                                              "sample_dp")
     max_grad_norm: float = setting(1.0, "DP-SGD clipping bound C.", "sample_dp")
@@ -147,6 +161,16 @@ class SimulationConfig:
                               "run")
     save_client_updates: bool = setting(False, "Keep every client's update of every round.",
                                         "run")
+    ray_address: str | None = setting(
+        None, "Address of an existing Ray cluster to run the simulated clients on (auto, or "
+        "HEAD_IP:6379); each machine needs the same fedlr install and the run directory on a "
+        "shared filesystem (unset: a local Ray started for this run).", "run")
+    worker_cpus: float = setting(
+        1.0, "CPUs each Ray worker reserves (a worker is one process that trains the "
+        "simulated clients sent to it).", "run")
+    worker_gpus: float | None = setting(
+        None, "GPUs each Ray worker reserves, a fraction to share one (unset: an equal share of "
+        "this machine's GPU per CPU, none without a GPU; on a cluster, set it).", "run")
 
     # -- construction ------------------------------------------------------------------------
 
@@ -179,7 +203,7 @@ class SimulationConfig:
                 f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGY_NAMES)}"
             )
         for name in ("num_clients", "rounds", "local_steps", "batch_size", "max_length",
-                     "min_valid_updates", "eval_examples"):
+                     "min_valid_updates", "eval_examples", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -215,63 +239,17 @@ class SimulationConfig:
         if (self.dataset != BUILTIN and names_a_file(self.dataset)
                 and not Path(self.dataset).expanduser().exists()):
             raise ConfigError(f"dataset path not found: {self.dataset}")
+        check_placement(self)
         self.train_config()  # TrainConfig and DPConfig validate themselves
-        self.check_client_dp()
-        self.check_secure_aggregation()
+        check_client_dp(self)
+        check_secure_aggregation(self)
 
-    def check_client_dp(self) -> None:
-        dp = self.client_dp_config()
-        if dp is None:
-            if self.client_clip_norm is not None:
-                raise ConfigError("client_clip_norm is set but client_noise_multiplier is not; "
-                                  "set both for client-level DP, or neither")
-            if self.publish_client_ids:
-                raise ConfigError("publish_client_ids only applies to client-level DP (without "
-                                  "it, who took part is always published); remove it")
-            return
-        if self.dp_config() is not None and not self.publish_client_ids:
-            raise ConfigError(
-                "sample-level DP-SGD records each client's privacy ledger (the rounds it "
-                "trained) in privacy.json, which would publish the client sample that "
-                "client-level DP keeps secret; use one level, or add publish_client_ids "
-                "(client-level epsilon is then accounted without amplification by sampling)")
-        strategy_traits(self.strategy).check_client_dp(self.hetero)
-        if self.min_valid_updates != 1:
-            raise ConfigError(
-                "min_valid_updates does not apply under client-level DP: every round is released "
-                "(noise alone if no update arrived), since stopping a round for too few clients "
-                "would depend on who took part; remove it"
-            )
-        if self.save_client_updates:
-            raise ConfigError(
-                "save_client_updates would write every client's un-noised update next to the "
-                "client-level DP run; turn one of them off"
-            )
-
-    def check_secure_aggregation(self) -> None:
-        if not self.secure_aggregation:
-            changed = [f.name for f in fields(self) if f.name.startswith("secagg_")
-                       and getattr(self, f.name) != f.default]
-            if changed:
-                raise ConfigError(f"{changed} only apply with secure_aggregation; turn it on or "
-                                  "remove them")
-            return
-        if self.client_dp_config() is None:
-            mixed = len(set(self.client_ranks().values())) > 1
-            strategy_traits(self.strategy).check_secure_aggregation(self.hetero, mixed)
-        if self.save_client_updates:
-            raise ConfigError("save_client_updates needs every client's update, which secure "
-                              "aggregation hides from the server; turn one of them off")
-        if self.client_dp_config() is None and self.sampled_per_round < 2:
-            raise ConfigError("secure aggregation needs at least 2 clients per round: the sum "
-                              "over one client is its update; sample more clients")
-        if not (isinstance(self.secagg_neighbours, int) and self.secagg_neighbours >= 0):
-            raise ConfigError(f"secagg_neighbours must be an integer >= 0, got "
-                              f"{self.secagg_neighbours!r}")
-        threshold(2, self.secagg_threshold)  # its range check
-        if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
-            raise ConfigError(f"secagg_clip must be a positive number, got {self.secagg_clip!r}")
-        check_budget(self.secagg_bits, self.num_clients, self.secagg_max_weight)
+    @property
+    def training_engine(self) -> str:
+        """The engine a simulation uses: `engine`, with auto resolved."""
+        if self.engine != "auto":
+            return self.engine
+        return "per-client" if self.secure_aggregation else "batched"
 
     # -- derived settings ------------------------------------------------------------------------
 

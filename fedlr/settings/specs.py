@@ -14,6 +14,7 @@ from fedlr.errors import ConfigError
 from fedlr.privacy.accountants import SAMPLING_MODES, check_accountant
 
 HETERO_METHODS = ("hetlora", "hetlora-fedavg", "flexlora")
+ENGINES = ("auto", "batched", "per-client")
 HEAD_MODES = ("train", "freeze")
 TASKS = ("classification", "causal-lm")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "fused")

@@ -1,0 +1,206 @@
+"""fedlr against a plain Flower app doing the same federated job, side by side.
+
+The job: MiniLM with LoRA r=8 on query and value (alpha 16, the classifier trained), fedlr's
+built-in task split iid over 20 clients, every client in each of 2 rounds, 5 local steps of
+batch 16 (AdamW, lr 3e-3), the global weights evaluated on the same 400 held-out examples after
+every round; with DP-SGD (sigma 1, C 1, Poisson sampling, PRV accountant) and without. The peer
+(`benchmarks/peer_app.py`) is written the way Flower's examples are: each train() call rebuilds
+the model, the data loader and Opacus's engine and computes its round's epsilon. fedlr runs as
+`fedlr simulate` with an empty epsilon cache, twice: client by client (`--engine per-client`,
+as the peer trains) and with its batched engine. Both are `flwr.simulation.run_simulation` with one
+supernode per client and one CPU per client, each timed from outside as a fresh process.
+
+Reports per side and DP mode the wall time and the seconds per client-round (the whole job over
+clients x rounds), the ratio peer / fedlr, and where the time goes: fedlr's metrics.jsonl fields
+(the server's parts of each round, the clients' own times summed over clients) and the peer's
+client times, each summed over the rounds, per client-round and as a fraction of the job's wall
+time. Client times are worker-seconds: the workers run in parallel, so their fractions can add
+up to more than 1. Writes benchmarks/results/peer.json and peer.png, and prints a table.
+
+Run: python benchmarks/peer.py [--clients 20 --rounds 2] [--dp | --no-dp] (default: both)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import peer_app as peer
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+# fedlr trains client by client (as the peer does), then with its batched engine
+SIDES = {"peer": None, "fedlr": "per-client", "fedlr_batched": "batched"}
+SERVER_TIMES = ("exchange_seconds", "aggregate_seconds", "eval_seconds", "accountant_seconds",
+                "checkpoint_seconds")
+CLIENT_TIMES = ("client_seconds", "client_setup_seconds", "client_step_seconds",
+                "client_accountant_seconds")
+
+
+def fedlr_settings(clients: int, rounds: int, dp: bool, engine: str = "per-client") -> dict:
+    """The peer's job as `fedlr.settings.schema.SimulationConfig` fields."""
+    settings = {"engine": engine, "model": peer.MODEL, "strategy": "fedit", "ranks": [peer.RANK],
+                "alpha": float(peer.ALPHA), "targets": peer.TARGETS, "head": "train",
+                "num_clients": clients, "rounds": rounds, "local_steps": peer.LOCAL_STEPS,
+                "batch_size": peer.BATCH_SIZE, "lr": peer.LR, "optimizer": "adamw",
+                "max_length": peer.MAX_LENGTH, "eval_examples": peer.EVAL_EXAMPLES,
+                "eval_every": 1, "partition": "iid", "seed": peer.SEED}
+    if dp:
+        settings.update(noise_multiplier=peer.NOISE_MULTIPLIER,
+                        max_grad_norm=peer.MAX_GRAD_NORM, delta=peer.DELTA, accountant="prv")
+    return settings
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Wall seconds of a fresh process, and its stdout."""
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{done.stderr[-4000:]}")
+    return wall, done.stdout
+
+
+def breakdown(totals: dict[str, float], wall: float, client_rounds: int) -> dict:
+    return {k: {"seconds_per_client_round": v / client_rounds, "fraction_of_wall": v / wall}
+            for k, v in totals.items()}
+
+
+def run_fedlr(clients: int, rounds: int, dp: bool, env: dict[str, str], folder: Path,
+              engine: str) -> dict:
+    name = f"fedlr-{engine}-{'dp' if dp else 'no-dp'}"
+    out = folder / name
+    config = folder / f"{name}.toml"  # JSON values are valid TOML
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n"
+                              for k, v in fedlr_settings(clients, rounds, dp, engine).items()))
+    cache = folder / f"epsilon-cache-{name}"  # empty: no earlier run's values
+    wall, _ = timed([sys.executable, "-m", "fedlr.cli", "simulate", "--config", str(config),
+                     "--out", str(out)], {**env, "FEDLR_CACHE_DIR": str(cache)})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    totals = {k: sum(r.get(k, 0.0) for r in records) for k in ("seconds", *SERVER_TIMES,
+                                                                 *CLIENT_TIMES)}
+    totals["outside_rounds"] = wall - totals.pop("seconds")  # start-up, round 0, export
+    return {"wall_seconds": wall, "seconds_per_client_round": wall / (clients * rounds),
+            "eval_accuracy": records[-1]["eval_accuracy"],
+            "epsilon_max": records[-1].get("epsilon_max"),
+            "breakdown": breakdown(totals, wall, clients * rounds)}
+
+
+def run_peer(clients: int, rounds: int, dp: bool, env: dict[str, str]) -> dict:
+    wall, stdout = timed([sys.executable, peer.__file__, "--clients", str(clients),
+                          "--rounds", str(rounds), "--dp" if dp else "--no-dp"], env)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    train, evaluate = result["train"], result["evaluate"]
+    last = str(max(int(r) for r in train))
+    totals = {k: sum(m[k] for m in train.values()) for k in CLIENT_TIMES}
+    totals["eval_seconds"] = sum(m["eval_seconds"] for r, m in evaluate.items() if int(r) > 0)
+    return {"wall_seconds": wall, "seconds_per_client_round": wall / (clients * rounds),
+            "eval_accuracy": evaluate[last]["eval_accuracy"],
+            "epsilon_max": train[last].get("epsilon_max"),
+            "breakdown": breakdown(totals, wall, clients * rounds)}
+
+
+def table(runs: dict) -> Table:
+    out = Table(title="peer (plain Flower app) vs fedlr: seconds per client-round")
+    for column in ("", *(f"{mode} {side}" for mode in runs for side in SIDES)):
+        out.add_column(column, justify="right")
+    rows = ["wall", *dict.fromkeys(k for run in runs.values() for side in SIDES
+                                   for k in run[side]["breakdown"])]
+    for row in rows:
+        cells = []
+        for run in runs.values():
+            for side in SIDES:
+                if row == "wall":
+                    cells.append(f"{run[side]['seconds_per_client_round']:.2f}")
+                    continue
+                part = run[side]["breakdown"].get(row)
+                cells.append("-" if part is None else f"{part['seconds_per_client_round']:.2f} "
+                             f"({100 * part['fraction_of_wall']:.0f}%)")
+        out.add_row(row, *cells)
+    out.add_row("ratio peer/side", *(x for run in runs.values() for x in (
+        "", f"{run['ratio_peer_to_fedlr']:.2f}", f"{run['ratio_peer_to_fedlr_batched']:.2f}")))
+    return out
+
+
+def chart(runs: dict, path: Path) -> None:
+    """Seconds per client-round of each side, and fedlr's parts (client parts: worker-seconds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    modes = list(runs)
+    for i, side in enumerate(SIDES):
+        left.bar([m + i * 0.27 for m in range(len(modes))],
+                 [runs[mode][side]["seconds_per_client_round"] for mode in modes], 0.27,
+                 label=side)
+    left.set_xticks([m + 0.27 for m in range(len(modes))], modes)
+    left.set_ylabel("wall seconds per client-round")
+    left.legend()
+    parts = list(dict.fromkeys(k for run in runs.values() for k in run["fedlr"]["breakdown"]))
+    for i, mode in enumerate(modes):
+        width = 0.8 / len(modes)
+        right.barh([p + i * width for p in range(len(parts))],
+                   [runs[mode]["fedlr"]["breakdown"].get(k, {}).get("seconds_per_client_round", 0)
+                    for k in parts], width, label=mode)
+    right.set_yticks([p + 0.4 - 0.4 / len(modes) for p in range(len(parts))], parts)
+    right.set_xlabel("fedlr: seconds per client-round")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
+    dp = parser.add_mutually_exclusive_group()
+    dp.add_argument("--dp", dest="modes", action="store_const", const=[True],
+                    help="only with DP-SGD")
+    dp.add_argument("--no-dp", dest="modes", action="store_const", const=[False],
+                    help="only without DP")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for peer.json and peer.png (a smoke run: elsewhere)")
+    args = parser.parse_args()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for with_dp in args.modes or [True, False]:
+            sides = {side: run_fedlr(args.clients, args.rounds, with_dp, env, Path(tmp), engine)
+                     if engine else run_peer(args.clients, args.rounds, with_dp, env)
+                     for side, engine in SIDES.items()}
+            for side in SIDES:
+                if side != "peer":
+                    sides[f"ratio_peer_to_{side}"] = (sides["peer"]["wall_seconds"]
+                                                      / sides[side]["wall_seconds"])
+            runs["dp" if with_dp else "no_dp"] = sides
+    result = {
+        "benchmark": "peer",
+        "settings": {"clients": args.clients, "rounds": args.rounds,
+                     "fedlr": {mode: fedlr_settings(args.clients, args.rounds, mode == "dp")
+                               for mode in runs},
+                     "engines": {side: engine for side, engine in SIDES.items() if engine}},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "memory_gb": psutil.virtual_memory().total / 2**30},
+        "runs": runs,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "peer.json").write_text(json.dumps(result, indent=2) + "\n")
+    chart(runs, args.results / "peer.png")
+    Console().print(table(runs))
+
+
+if __name__ == "__main__":
+    main()
