@@ -216,10 +216,14 @@ class GroupTrainer:
             for name, p in member.run.model.named_parameters():
                 if name in member.tensors:
                     p.copy_(member.tensors[name])
+        timings = member.run.timings
+        tic, joining = time.perf_counter(), timings["setup_seconds"] + timings["accountant_seconds"]
         try:
             result = self.trainer.finish(member.run)
         except FedlrError as exc:
             return exc
+        # its own share of the group's time, not the wall time since it joined
+        result.metrics["seconds"] = joining + timings["step_seconds"] + time.perf_counter() - tic
         return result
 
     def _steps(self, members: list[Member]) -> float:

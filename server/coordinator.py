@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.adapters import Adapter, LoraFactors, load_into_peft_model
@@ -44,112 +43,18 @@ from fedlr.server.grouping import count_workers
 from fedlr.server.nodes import NodeDirectory
 from fedlr.server.records import evaluates, round_record
 from fedlr.server.rundir import RunDir
+from fedlr.server.transport import Transport
 from fedlr.wire import (
-    GROUP_FIELD,
     Job,
     Parts,
     Refusal,
     TrainJob,
     WireError,
-    bundle,
     job_settings,
     reply_from_parts,
-    unbundle,
 )
 
 log = logging.getLogger("fedlr")
-
-
-def records(parts: Parts) -> RecordDict:
-    """Parts as Flower carries them (the ClientApp unwraps them the same way)."""
-    return RecordDict({"arrays": ArrayRecord(torch_state_dict=parts.arrays),
-                       "fields": ConfigRecord(parts.fields)})
-
-
-def unwrap(message: Message) -> Parts:
-    return Parts(message.content["arrays"].to_torch_state_dict(),
-                 dict(message.content["fields"]))
-
-
-def size(content: RecordDict) -> int:
-    """Bytes of a message's tensors and of its text and byte fields."""
-    fields = content["fields"].values() if "fields" in content else ()
-    text = sum(len(v) for v in fields if isinstance(v, str | bytes))
-    return (content["arrays"].count_bytes() if "arrays" in content else 0) + text
-
-
-@dataclass
-class Transport:
-    """One exchange with a round's nodes over the Grid: each client's message out, each answer
-    back (or a Rejection: the node failed, or its node is offline), bytes counted both ways.
-
-    With `groups` (a simulation's batched engine) each group's messages travel as one, to the
-    node of its first client, whose worker trains them together; the answer is unbundled, so
-    everything after the transport sees one reply per client either way."""
-
-    grid: Grid
-    nodes: dict[str, int]
-    timeout: float | None
-    grouping: Grouping | None = None
-    groups: list[list[str]] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    seconds: float = 0.0  # waiting for the nodes: their training and Flower's carrying
-
-    def send(self, parts: dict[str, Parts]) -> dict[str, Parts | Rejection]:
-        carried = self._carried(parts)
-        messages = []
-        for carrier, (p, _) in carried.items():
-            content = records(p)
-            self.bytes_down += size(content)
-            messages.append(Message(content=content, dst_node_id=self.nodes[carrier],
-                                    message_type="train"))
-        started = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        self.seconds += time.perf_counter() - started
-        # by the message answered: Flower's own error replies (node offline) come from the
-        # SuperLink, not from the node; the grid gave each message its id when it pushed it
-        sent_to = {m.metadata.message_id: c for m, c in zip(messages, carried, strict=True)}
-        out: dict[str, Parts | Rejection] = {}
-        for reply in replies:
-            carrier = sent_to.get(reply.metadata.reply_to_message_id)
-            if carrier is None:
-                continue  # not an answer to these messages
-            members = carried[carrier][1]
-            if reply.has_error():
-                out.update({c: Rejection(c, f"client failed: {reply.error.reason}",
-                                         "client failed") for c in members})
-                continue
-            self.bytes_up += size(reply.content)
-            out.update(self._answers(members, reply))
-        return out
-
-    def group_fields(self) -> dict[str, str | int]:
-        """What a group's worker is told besides the jobs: the engine and its pass size."""
-        assert self.grouping is not None
-        return {"engine": self.grouping.engine, "chunk_tokens": self.grouping.chunk_tokens}
-
-    def _carried(self, parts: dict[str, Parts]) -> dict[str, tuple[Parts, list[str]]]:
-        """What each carrier node is sent, and for which clients."""
-        groups = [[c for c in g if c in parts] for g in self.groups]
-        grouped = {c for g in groups for c in g}
-        out = {c: (p, [c]) for c, p in parts.items() if c not in grouped}
-        for group in filter(None, groups):
-            out[group[0]] = (bundle({c: parts[c] for c in group}, **self.group_fields()), group)
-        return out
-
-    @staticmethod
-    def _answers(members: list[str], reply: Message) -> dict[str, Parts | Rejection]:
-        """Each member's own reply (a malformed one is that member's rejection)."""
-        try:
-            parts = unwrap(reply)
-            each = unbundle(parts) if len(members) > 1 or GROUP_FIELD in parts.fields else {
-                members[0]: parts}
-        except (KeyError, TypeError, ValueError, WireError) as exc:
-            return {c: Rejection(c, f"malformed reply ({exc})", "malformed reply")
-                    for c in members}
-        return {c: each[c] if c in each else Rejection(c, "its group's reply left it out",
-                                                        "malformed reply") for c in members}
 
 
 @dataclass

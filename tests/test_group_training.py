@@ -6,6 +6,8 @@ without DP and under DP-SGD with a fixed noise source (tests only)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -224,7 +226,13 @@ def test_memory_bounds_the_pass_and_the_group():
     """Half a worker's share of memory bounds a pass's activations (longer sequences: fewer
     tokens per pass), half what the members keep (DP-SGD's per-example gradients: fewer
     members)."""
-    from fedlr.grouping import CPU_CHUNK_TOKENS, MIN_CHUNK_TOKENS, plan_grouping, sequence_bytes
+    from fedlr.grouping import (
+        CPU_CHUNK_BYTES,
+        CPU_CHUNK_TOKENS,
+        MIN_CHUNK_TOKENS,
+        plan_grouping,
+        sequence_bytes,
+    )
     from fedlr.settings.schema import SimulationConfig
 
     host, _ = tiny_host()
@@ -236,6 +244,9 @@ def test_memory_bounds_the_pass_and_the_group():
                              free, workers=2)
 
     assert plan(64 << 30).chunk_tokens == CPU_CHUNK_TOKENS  # plenty: the CPU's best pass
+    minilm_like = SimpleNamespace(num_hidden_layers=12, hidden_size=384, num_attention_heads=12)
+    per_token = sequence_bytes(minilm_like, 64) / 64
+    assert CPU_CHUNK_BYTES // per_token < CPU_CHUNK_TOKENS  # a bigger model: fewer tokens
     short, long = plan(1 << 30, max_length=32), plan(1 << 30, max_length=512)
     assert MIN_CHUNK_TOKENS <= long.chunk_tokens < short.chunk_tokens
     plain, private = plan(1 << 28), plan(1 << 28, noise_multiplier=1.0)
