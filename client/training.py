@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Required, TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -69,7 +69,21 @@ class ClientRound:
     ledger: PrivacyLedger | None
     started: float
     timings: dict[str, float]
+    canaries: GradientCanaries | None = None
     losses: list[float] = field(default_factory=list)
+
+
+class ClientOptions(TypedDict, total=False):
+    """How one client's round runs, besides who and from what (see `LocalTrainer.begin`)."""
+
+    rank: Required[int]
+    train_a: bool
+    train_head: bool
+    ledger: PrivacyLedger | None
+    seed: int
+    canaries: GradientCanaries | None
+    limits: NodeLimits | None
+    dp_seed: int | None
 
 
 class BatchSampler(Protocol):
@@ -206,7 +220,13 @@ class LocalTrainer:
         dp_seed: int | None = None,
     ) -> ClientRound:
         """Everything before the first step: the checks (data, ledger, budget, the node's own
-        limits), the adapter loaded into the rank's PEFT model, the DP plan and the sampler."""
+        limits), the adapter loaded into the rank's PEFT model, the DP plan and the sampler.
+
+        `seed` makes non-private training reproducible (data order, dropout, FLoRA's fresh
+        factors). Under DP the batch draws and the noise come from OS entropy; `dp_seed` replaces
+        it in tests only. `limits` are the node's own (checked before the first step, with the
+        job's budget). `canaries` (DP with per-sample gradients only) join the training set as
+        extra indices after the real examples, drawn by the same sampler, for an audit."""
         n = len(data)
         if n == 0:
             raise FedlrError(f"client {client_id} has no training examples; repartition the data")
@@ -249,43 +269,24 @@ class LocalTrainer:
             names=[name for name, _ in named], params=params,
             before=[p.detach().clone() for p in params], plan=plan,
             sampler=self.batches(universe, plan, batch_gen), noise_gen=noise_gen, ledger=ledger,
+            canaries=canaries,
             started=started, timings={"setup_seconds": time.perf_counter() - started
                                       - accountant_seconds,
                                       "accountant_seconds": accountant_seconds})
 
-    def train(
-        self,
-        client_id: str,
-        start: Adapter,
-        data: Encoded,
-        *,
-        rank: int,
-        train_a: bool = True,
-        train_head: bool = True,
-        ledger: PrivacyLedger | None = None,
-        seed: int = 0,
-        canaries: GradientCanaries | None = None,
-        limits: NodeLimits | None = None,
-        dp_seed: int | None = None,
-    ) -> TrainResult:
-        """One round of local training; the ledger (DP only) is updated in place on success.
-
-        `seed` makes non-private training reproducible (data order, dropout, FLoRA's fresh
-        factors).
-        Under DP the batch draws and the noise come from OS entropy; `dp_seed` replaces it in
-        tests only. `limits` are the node's own (checked before the first step, with the job's
-        budget). `canaries` (DP with per-sample gradients only) join the training set as extra
-        indices after the real examples, drawn by the same sampler, for an audit."""
-        run = self.begin(client_id, start, data, rank=rank, train_a=train_a,
-                         train_head=train_head, ledger=ledger, seed=seed, canaries=canaries,
-                         limits=limits, dp_seed=dp_seed)
+    def train(self, client_id: str, start: Adapter, data: Encoded,
+              **options: Unpack[ClientOptions]) -> TrainResult:
+        """One round of local training (the options are `begin`'s); the ledger (DP only) is
+        updated in place on success."""
+        run = self.begin(client_id, start, data, **options)
+        canaries = run.canaries
         n, plan, model, device = len(data), run.plan, run.model, self.host.device
         tic = time.perf_counter()
         optimizer = self.optimizer(run.params)
         model.train()
         # dropout draws from torch's global generator: forked, and seeded without DP, so that a
         # non-private round is reproducible from its seed whatever ran before in this process
-        with self.dropout_rng(seed if plan is None else None), \
+        with self.dropout_rng(run.seed if plan is None else None), \
                 self._dp_engine(model, optimizer, plan, run.noise_gen,
                                 run.sampler.n, canaries) as engine:
             for indices in run.sampler:
