@@ -71,8 +71,7 @@ def same_base(a: Adapter, b: Adapter) -> bool:
     """Whether two downlinks carry the same base update (FLoRA): a group shares one base."""
     if set(a.base) != set(b.base):
         return False
-    return all(torch.equal(torch.as_tensor(_dense(a.base[m])), torch.as_tensor(_dense(b.base[m])))
-               for m in a.base)
+    return all(torch.equal(_dense(a.base[m]), _dense(b.base[m])) for m in a.base)
 
 
 def _dense(delta: Any) -> Tensor:
@@ -87,7 +86,7 @@ class GroupLayers:
         from peft.tuners.lora.layer import Linear
         from peft.utils import ModulesToSaveWrapper
 
-        self.model, self.patched = model, []
+        self.patched: list[torch.nn.Module] = []
         self.members: list[Member] = []
         self.owner: Tensor | None = None
         self.per_sample = False
