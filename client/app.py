@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedlr.adapters import Adapter
 from fedlr.client.group_training import GroupJob, GroupTrainer
-from fedlr.client.training import LocalTrainer, TrainResult
+from fedlr.client.training import ClientOptions, LocalTrainer, TrainResult
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.lora.strategies.base import ClientUpdate
 from fedlr.models.hosts import resolve_device
@@ -113,8 +113,9 @@ def run_group(downs: dict[str, TrainJob], nodes: Path, engine: str, chunk_tokens
         except FedlrError as exc:
             out[client] = Refusal(client, str(exc))
             continue
-        members.append((GroupJob(client, down.downlink, data.shard(int(client)), job.rank,
-                                 job.train_a, job.train_head, ledger, job.seed), state))
+        options = ClientOptions(rank=job.rank, train_a=job.train_a, train_head=job.train_head,
+                                ledger=ledger, seed=job.seed)
+        members.append((GroupJob(client, down.downlink, data.shard(int(client)), options), state))
     trainer = LocalTrainer(session.host, config)
     try:
         results = GroupTrainer(trainer, chunk_tokens or None).train([job for job, _ in members])
@@ -137,9 +138,7 @@ def run_group(downs: dict[str, TrainJob], nodes: Path, engine: str, chunk_tokens
 
 def _alone(trainer: LocalTrainer, job: GroupJob) -> TrainResult | FedlrError:
     try:
-        return trainer.train(job.client_id, job.start, job.data, rank=job.rank,
-                             train_a=job.train_a, train_head=job.train_head, ledger=job.ledger,
-                             seed=job.seed)
+        return trainer.train(job.client_id, job.start, job.data, **job.options)
     except FedlrError as exc:
         return exc
 

@@ -26,13 +26,12 @@ import torch
 from torch import Tensor
 
 from fedlr.adapters import Adapter
-from fedlr.client.training import ClientRound, LocalTrainer, TrainResult
+from fedlr.client.training import ClientOptions, ClientRound, LocalTrainer, TrainResult
 from fedlr.data.batches import collate, per_example_loss
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.grouping import CPU_CHUNK_TOKENS, CUDA_CHUNK_TOKENS
 from fedlr.kernels import clip_and_noise
 from fedlr.kernels.grouped import grouped_linear, grouped_lora
-from fedlr.privacy.node import NodeLimits
 from fedlr.privacy.sample_level import PrivacyLedger
 
 
@@ -43,13 +42,15 @@ class GroupJob:
     client_id: str
     start: Adapter
     data: Any
-    rank: int
-    train_a: bool = True
-    train_head: bool = True
-    ledger: PrivacyLedger | None = None
-    seed: int = 0
-    limits: NodeLimits | None = None
-    dp_seed: int | None = None
+    options: ClientOptions
+
+    @property
+    def rank(self) -> int:
+        return self.options["rank"]
+
+    @property
+    def ledger(self) -> PrivacyLedger | None:
+        return self.options.get("ledger")
 
 
 @dataclass
@@ -171,6 +172,9 @@ class GroupTrainer:
 
     def train(self, jobs: Sequence[GroupJob]) -> list[TrainResult | FedlrError]:
         """Clients whose downlinks carry different base updates train in separate groups."""
+        if any(job.options.get("canaries") is not None for job in jobs):
+            raise ConfigError("canaries need the per-client engine: run the audit with "
+                              "--engine per-client")
         results: dict[int, TrainResult | FedlrError] = {}
         pending = list(range(len(jobs)))
         while pending:
@@ -184,9 +188,7 @@ class GroupTrainer:
 
     def _join(self, job: GroupJob) -> Member:
         trainer = self.trainer
-        run = trainer.begin(job.client_id, job.start, job.data, rank=job.rank,
-                            train_a=job.train_a, train_head=job.train_head, ledger=job.ledger,
-                            seed=job.seed, limits=job.limits, dp_seed=job.dp_seed)
+        run = trainer.begin(job.client_id, job.start, job.data, **job.options)
         adapter = f".r{job.rank}."
         tensors = {name: p.detach().clone().requires_grad_(p.requires_grad)
                    for name, p in run.model.named_parameters() if adapter in name}
@@ -233,7 +235,8 @@ class GroupTrainer:
         layers = GroupLayers(model)
         model.train()
         try:
-            with trainer.dropout_rng(members[0].job.seed if plan is None else None):
+            seed = members[0].job.options.get("seed", 0) if plan is None else None
+            with trainer.dropout_rng(seed):
                 while True:
                     active = [m for m in members if self._next(m)]
                     if not active:

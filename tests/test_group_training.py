@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fedlr.client.group_training import GroupJob, GroupTrainer
-from fedlr.client.training import LocalTrainer
+from fedlr.client.training import ClientOptions, LocalTrainer
 from fedlr.data.batches import Encoded
-from fedlr.errors import FedlrError
+from fedlr.errors import ConfigError, FedlrError
 from fedlr.kernels.grouped import (
     grouped_linear,
     grouped_lora,
@@ -127,18 +127,16 @@ def start_adapters(host, ranks):
 def jobs_for(host, data, ranks, *, train_a, train_head, dp):
     sizes = [12, 5, 9][: len(ranks)]
     starts = start_adapters(host, ranks)
-    return [GroupJob(str(c), starts[r], subset(data, list(range(12 - n, 12))), r,
-                     train_a=train_a, train_head=train_head,
-                     ledger=PrivacyLedger() if dp else None, seed=100 + c,
-                     dp_seed=7_000 + c if dp else None)
+    return [GroupJob(str(c), starts[r], subset(data, list(range(12 - n, 12))),
+                     ClientOptions(rank=r, train_a=train_a, train_head=train_head,
+                                   ledger=PrivacyLedger() if dp else None, seed=100 + c,
+                                   dp_seed=7_000 + c if dp else None))
             for c, (r, n) in enumerate(zip(ranks, sizes, strict=True))]
 
 
 def alone(trainer, job):
     ledger = None if job.ledger is None else PrivacyLedger(accountant=job.ledger.accountant)
-    return trainer.train(job.client_id, job.start, job.data, rank=job.rank,
-                         train_a=job.train_a, train_head=job.train_head, ledger=ledger,
-                         seed=job.seed, dp_seed=job.dp_seed)
+    return trainer.train(job.client_id, job.start, job.data, **{**job.options, "ledger": ledger})
 
 
 @pytest.mark.parametrize("chunk_tokens", [None, 48], ids=["one-pass", "micro-batches"])
@@ -185,14 +183,28 @@ def test_one_clients_refusal_leaves_the_others_training(f64_host):
     trainer = LocalTrainer(host, TrainConfig(local_steps=2, batch_size=4, lr=0.05, dp=dp))
     jobs = jobs_for(host, data, [2, 4, 8], train_a=True, train_head=True, dp=True)
     for job in jobs:
-        job.ledger = PrivacyLedger(accountant="rdp")
-    jobs[1].ledger = PrivacyLedger(accountant="rdp", history=[(1.0, 0.8, 3_000)])  # spent
+        job.options["ledger"] = PrivacyLedger(accountant="rdp")
+    spent = PrivacyLedger(accountant="rdp", history=[(1.0, 0.8, 3_000)])
+    jobs[1].options["ledger"] = spent
     first, second, third = GroupTrainer(trainer).train(jobs)
     assert isinstance(second, FedlrError) and "budget" in str(second)
     alone_third = alone(trainer, jobs[2])
     for name, f in alone_third.adapter.lora.items():
         torch.testing.assert_close(third.adapter.lora[name].B, f.B, rtol=0, atol=1e-10)
     assert not isinstance(first, FedlrError)
+
+
+def test_a_group_with_canaries_is_refused_before_any_training(f64_host):
+    """Canaries live in the per-client step engine: a group carrying them fails as a whole with
+    the fix named, before any member's ledger records a step."""
+    host, data = f64_host
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp")
+    trainer = LocalTrainer(host, TrainConfig(local_steps=2, batch_size=4, lr=0.05, dp=dp))
+    jobs = jobs_for(host, data, [2, 4], train_a=True, train_head=True, dp=True)
+    jobs[1].options["canaries"] = SimpleNamespace()
+    with pytest.raises(ConfigError, match="--engine per-client"):
+        GroupTrainer(trainer).train(jobs)
+    assert all(job.ledger.history == [] for job in jobs)
 
 
 # -- carrying groups ---------------------------------------------------------------------------
