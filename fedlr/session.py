@@ -8,6 +8,8 @@ base once (shared by every client it serves, one small adapter per rank) and the
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,15 @@ class DataSession:
                          chance_accuracy=max(counts.values()) / len(self.evaluated),
                          chance="accuracy of always guessing the most frequent class")
         return facts
+
+    def partition_facts(self) -> dict[str, Any]:
+        """Each client's example count and a digest of every shard's rows: what shows that two
+        runs trained on the same federation (`fedlr compare` checks it)."""
+        digest = hashlib.sha256()
+        for shard in self.partitions:
+            digest.update(json.dumps(shard.to_dict(), sort_keys=True, default=str).encode())
+        return {"client_examples": [len(shard) for shard in self.partitions],
+                "sha256": digest.hexdigest()}
 
     def shard(self, client: int) -> Encoded:
         if client not in self._encoded:

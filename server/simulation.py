@@ -136,6 +136,7 @@ def open_run(config: SimulationConfig, resume: bool) -> tuple[RunDir, Federation
         evaluation = {**fed.data.evaluation_facts(), "round_0": initial}
         run.write_run_json(config.to_dict(), {"strategy": fed.strategy.describe(),
                                               "client_ranks": config.client_ranks(),
+                                              "partition": fed.data.partition_facts(),
                                               "evaluation": evaluation})
     return run, fed
 
@@ -166,8 +167,9 @@ def check_resume(run: RunDir, config: SimulationConfig) -> None:
 
 
 def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
-             console: Console | None = None) -> RunDir:
-    """Run (or resume) a simulated federation; returns its run directory."""
+             console: Console | None = None, report: bool = True) -> RunDir:
+    """Run (or resume) a simulated federation; returns its run directory. `report`: print the
+    table of rounds and the rejections at the end (the files are written either way)."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -228,6 +230,17 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
     if not records:
         raise FedlrError("the simulation ended without completing a round; see the log above")
     evaluation = json.loads((run.root / "run.json").read_text()).get("evaluation", {})
+    plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients",
+         evaluation)
+    if report:
+        print_report(console, config, records, evaluation)
+        console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/)")
+    return run
+
+
+def print_report(console: Console, config: SimulationConfig, records: list[dict[str, Any]],
+                 evaluation: dict[str, Any]) -> None:
+    """The table of rounds, what the held-out numbers cover, failed rounds and rejections."""
     console.print(summary_table(records, f"{config.strategy} on {config.model} / {config.dataset}"))
     if evaluation:
         console.print(evaluation_note(evaluation), highlight=False)
@@ -239,7 +252,3 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
             who = f"client {rejection['client']}" if "client" in rejection else "a client"
             console.print(f"round {record['round']}: rejected {who}: {rejection['reason']}",
                           highlight=False)
-    plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients",
-         evaluation)
-    console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/)")
-    return run

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from fedlr import __version__
-from fedlr.cli import adapter, deploy, privacy, run  # noqa: F401  (they register the commands)
+from fedlr.cli import adapter, compare, deploy, privacy, run  # noqa: F401  (they register the commands)
 from fedlr.cli.common import app, console
 from fedlr.errors import FedlrError
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fedlr.cli.common import app, console, split_ints
+from fedlr.cli.common import app, console, split_ints, stop_on_signals
 from fedlr.cli.settings_options import as_flags, check_resume, with_settings
 from fedlr.errors import FedlrError
 
 
 @app.command()
-@with_settings
+@with_settings()
 def simulate(config: Path | None, resume: bool, overrides: dict[str, Any]) -> None:
     """Simulate a federation on this machine, or on a Ray cluster with --ray-address (Flower
     simulation engine). With no options: the default model (all-MiniLM-L6-v2) on the built-in
@@ -29,38 +27,12 @@ def simulate(config: Path | None, resume: bool, overrides: dict[str, Any]) -> No
     except FedlrError as exc:  # name the flags the user typed, not the settings' TOML names
         raise FedlrError(as_flags(str(exc), [k for k, v in overrides.items() if v is not None])
                          ) from None
-    _stop_on_signals(Path(str(settings.out)))
+    out = Path(str(settings.out))
+    stop_on_signals(out, f"continue with the same settings and --out {out} --resume")
     from fedlr.client.app import app as client_app
     from fedlr.server.simulation import simulate as run
 
     run(settings, client_app, resume=resume, console=console)
-
-
-def _stop_on_signals(out: Path) -> None:
-    """Ctrl-C (or SIGTERM) ends the process within seconds: every process it started (Flower's
-    and Ray's) is killed, one line says how to resume, and it exits with 130 (143). Every file
-    of a run directory is written atomically, so --resume continues from wherever it stopped."""
-    import os
-    import signal
-
-    import psutil
-
-    def stop(signum: int, frame: object) -> None:
-        how = (f"continue with the same settings and --out {out} --resume" if out.exists()
-               else "nothing was written")
-        Console(stderr=True).print(f"\ninterrupted: {how}", highlight=False, soft_wrap=True)
-        quiet = os.open(os.devnull, os.O_WRONLY)  # Flower's threads would report the kills
-        os.dup2(quiet, 1)
-        os.dup2(quiet, 2)
-        children = psutil.Process().children(recursive=True)
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        psutil.wait_procs(children, timeout=5)
-        os._exit(128 + signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
 
 
 @app.command()

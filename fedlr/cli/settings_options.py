@@ -32,24 +32,32 @@ def parameter(f: Field) -> inspect.Parameter:
                              annotation=Annotated[kind | None, option])  # type: ignore[valid-type]
 
 
-def with_settings(command: Callable[..., None]) -> Callable[..., None]:
-    """`command(config, resume, settings)` as a Typer command that takes every setting as an
-    option (None when not given, so that a --config file can set it)."""
+def with_settings(command: Callable[..., None] | None = None, *, also: type | None = None,
+                  resume: bool = True) -> Any:
+    """`command(config, resume, settings, *more)` as a Typer command that takes every setting as
+    an option (None when not given, so that a --config file can set it). `also`: a dataclass of
+    the command's own settings, declared with `setting` like the schema's, passed as `more`;
+    `resume`: whether it takes --resume (else `resume` is False)."""
+    if command is None:
+        return lambda command: with_settings(command, also=also, resume=resume)
     extra = [
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                           annotation=Annotated[Path | None, typer.Option(
                               "--config", help="TOML file with any of these settings.")]),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False,
-                          annotation=Annotated[bool, typer.Option(
-                              help="Continue the run in --out.")]),
     ]
-    schema = fields(SimulationConfig)
+    if resume:
+        extra.append(inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                       annotation=Annotated[bool, typer.Option(
+                                           help="Continue the run in --out.")]))
+    schema, own = fields(SimulationConfig), fields(also) if also is not None else ()
 
     def run(config: Path | None = None, resume: bool = False, **given: Any) -> None:
         settings = {f.name: from_text(f, given[f.name], flags_of(f)[0]) for f in schema}
-        command(config, resume, settings)
+        more = [{f.name: from_text(f, given[f.name], flags_of(f)[0]) for f in own}] if own else []
+        command(config, resume, settings, *more)
 
-    run.__signature__ = inspect.Signature(extra + [parameter(f) for f in schema])  # type: ignore[attr-defined]
+    parameters = extra + [parameter(f) for f in (*own, *schema)]
+    run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     run.__doc__ = command.__doc__
     run.__name__ = command.__name__
     run.__annotations__ = {}

@@ -39,6 +39,7 @@ SECTIONS = {  # a TOML file may group settings in these tables; --help shows the
     "client_dp": "Client-level DP (DP-FedAvg on the server)",
     "secure_aggregation": "Secure aggregation (SecAgg+: the server sees only sums)",
     "run": "Run",
+    "compare": "Comparison (fedlr compare)",  # `ComparisonSettings`, in its own [compare] table
 }
 _TRAIN = TrainConfig()  # the training defaults are TrainConfig's, declared there once
 # Where and how `fedlr simulate` trains the simulated clients (which Ray, what each worker
@@ -338,6 +339,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
     data = data.get("simulate", data)
+    data.pop("compare", None)  # `fedlr compare`'s own settings (fedlr.comparison.plan)
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS and isinstance(value, dict):
