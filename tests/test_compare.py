@@ -118,6 +118,19 @@ def test_a_toml_file_holds_both_the_runs_and_the_comparisons_settings(tmp_path):
         ComparisonSettings.load(path, {})
 
 
+@pytest.mark.parametrize("study", sorted((Path(__file__).parents[1] / "simulations" / "study")
+                                         .glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_study_plans_its_runs(study, tmp_path):
+    """A study file is a whole comparison: its runs plan without error, three seeds per cell,
+    and the federated runs of a seed differ only in strategy and privacy."""
+    config = SimulationConfig.load(study, {"out": str(tmp_path / "s")})
+    settings = ComparisonSettings.load(study, {})
+    runs = plan_comparison(config, settings, tmp_path / "s")
+    assert len(settings.seeds) == 3 and config.rounds >= 10
+    assert config.partition == "dirichlet:0.5" and config.ranks == [4, 8, 16]
+    assert len(runs) == len(settings.epsilons) * 3 * (len(settings.strategies) + 2)
+
+
 # -- results -----------------------------------------------------------------------------------
 
 def test_rounds_to_target_is_the_first_evaluated_round_that_reaches_it():
