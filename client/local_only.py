@@ -28,7 +28,8 @@ from fedlr.settings.schema import SimulationConfig
 def train_local_only(config: SimulationConfig, out: Path,
                      on_client: Callable[[str], None] = lambda client: None) -> dict[str, Any]:
     """Train and evaluate every client alone (those `out/local.json` already holds are kept);
-    returns the document written there."""
+    returns the document written there. `on_client` is called after each client, trained now
+    or before."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCAL_RESULTS
     done: dict[str, Any] = json.loads(path.read_text())["clients"] if path.exists() else {}
@@ -40,6 +41,7 @@ def train_local_only(config: SimulationConfig, out: Path,
     state = strategy.init_state(host.initial_head)
     for client, rank in config.client_ranks().items():
         if client in done:
+            on_client(client)
             continue
         ledger = PrivacyLedger(accountant=train.dp.accountant) if train.dp else None
         result = trainer.train(client, strategy.starting_adapter(state, client),

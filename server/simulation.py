@@ -84,14 +84,19 @@ def start_ray(config: SimulationConfig) -> None:
     """Start (or join) the Ray this run's clients run on. Flower then finds Ray initialised and
     uses it as it is (its own `ray.init` could not take a runtime_env), and shuts it down at the
     end; a Ray this process was already connected to is left first, as Flower would at the end."""
+    import signal
+
     import ray
 
     ray.shutdown()
+    on_term = signal.getsignal(signal.SIGTERM)  # ray.init installs its own: keep the caller's
     try:
         ray.init(**ray_init_args(config))
     except ConnectionError as exc:
         raise FedlrError(f"no Ray cluster at {config.ray_address}: {exc}; start one with `ray "
                          "start --head` (see the README), or leave ray_address unset") from None
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
     resources = worker_resources(config)
     fits = 0
     for node in ray.nodes():

@@ -131,6 +131,22 @@ def test_every_shipped_study_plans_its_runs(study, tmp_path):
     assert len(runs) == len(settings.epsilons) * 3 * (len(settings.strategies) + 2)
 
 
+def test_a_rerun_with_other_settings_in_the_same_out_is_refused_before_any_work(tmp_path):
+    from fedlr.cli.compare import record_plan
+
+    out = tmp_path / "cmp"
+    settings = ComparisonSettings(strategies=["ffa", "fedit"], epsilons=[INF, 3.0])
+    record_plan(out, base(tmp_path), settings, None)
+    record_plan(out, base(tmp_path), settings, None)  # the same comparison continues
+    with pytest.raises(ConfigError, match=r"\['rounds'\]"):
+        record_plan(out, base(tmp_path, rounds=4), settings, None)
+    with pytest.raises(ConfigError, match="epsilons"):
+        record_plan(out, base(tmp_path), replace(settings, epsilons=[INF]), None)
+    recorded = json.loads((out / "compare-settings.json").read_text())
+    assert "out" not in recorded["base"]  # where the runs live is not part of the comparison
+    assert recorded["compare"]["epsilons"] == [INF, 3.0]
+
+
 # -- results -----------------------------------------------------------------------------------
 
 def test_rounds_to_target_is_the_first_evaluated_round_that_reaches_it():

@@ -456,6 +456,26 @@ def test_ctrl_c_stops_the_run_within_seconds_and_resume_finishes_it(tmp_path):
     assert [r["round"] for r in RunDir(out).read_metrics()] == [1, 2, 3, 4, 5]
 
 
+def test_sigterm_during_a_round_stops_the_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM (what a scheduler or `kill` sends) ends a run mid-round with exit code 143 and
+    the line to resume with, Ray's processes included: Ray's own SIGTERM handler, installed as
+    Ray starts, does not replace fedlr's."""
+    out = tmp_path / "run"
+    before = flower_and_ray_processes()
+    proc = fedlr("simulate", "--model", "tiny", "--strategy", "fedit", "--num-clients", "3",
+                 "--ranks", "2,4", "--rounds", "5", "--local-steps", "10", "--out", str(out))
+    wait_for(lambda: checkpointed_round(out) >= 1 or proc.poll() is not None)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the run ended before the signal"
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and f"--out {out} --resume" in err, err
+    wait_for(lambda: not flower_and_ray_processes() - before, 10)
+
+
 BAD = [
     (["--strategy", "fedprox"], "unknown strategy"),
     (["--rank", "0"], "ranks must be positive"),

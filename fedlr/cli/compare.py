@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.progress import Progress
 from rich.table import Table
 
 from fedlr.cli.common import app, console, stop_on_signals
@@ -91,7 +92,9 @@ def drive(base: Any, settings: ComparisonSettings, runs: list[PlannedRun], out: 
         console.print(f"[bold][{i}/{len(todo)}] {run.key}[/]" + (" (resuming)" if resume else ""),
                       highlight=False)
         if run.method == "local-only":
-            train_local_only(run.settings, where)
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("local-only: clients", total=run.settings.num_clients)
+                train_local_only(run.settings, where, lambda _, t=task: progress.advance(t))
         else:
             simulate(run.settings, client_app, resume=resume, console=console, report=False)
         write_results(base, settings, runs, out)

@@ -135,10 +135,10 @@ def plan_comparison(base: SimulationConfig, settings: ComparisonSettings, out: P
             math.isfinite(e) for e in settings.epsilons):
         raise ConfigError("client-level DP needs the clip norm S of each client's update: set "
                           "--client-clip")
-    runs = []
-    for epsilon in settings.epsilons:
-        level = Level(float(epsilon), settings.dp_level)
-        for seed in settings.seeds or [base.seed]:
+    runs = []  # seed by seed: a comparison stopped early already has every cell of a seed
+    for seed in settings.seeds or [base.seed]:
+        for epsilon in settings.epsilons:
+            level = Level(float(epsilon), settings.dp_level)
             for method in [*settings.strategies, *(REFERENCES if settings.references else ())]:
                 runs.append(_planned(base, level, method, seed, out, client_clip))
     return runs
