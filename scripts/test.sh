@@ -10,4 +10,4 @@ if [ "$#" -gt 0 ]; then
   exec python -m pytest -q "$@"
 fi
 python -m pytest -q -m "not e2e and not slow"
-exec python -m pytest -q -m "e2e and not slow"
+exec python -m pytest -q -m "e2e and not slow" --durations=15  # where the tier's time goes

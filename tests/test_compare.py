@@ -128,6 +128,7 @@ def test_every_shipped_study_plans_its_runs(study, tmp_path):
     runs = plan_comparison(config, settings, tmp_path / "s")
     assert len(settings.seeds) == 3 and config.rounds >= 10
     assert config.partition == "dirichlet:0.5" and config.ranks == [4, 8, 16]
+    assert config.head == "train"  # the strategies differ in aggregation alone
     assert len(runs) == len(settings.epsilons) * 3 * (len(settings.strategies) + 2)
 
 
