@@ -196,6 +196,53 @@ def test_runs_of_one_seed_on_different_federations_are_caught(tmp_path):
     assert set(check_same_federation(other_seed)) == {"0", "1"}
 
 
+def finished_run(run: PlannedRun, accuracies: list[float]) -> None:
+    """A run directory as `fedlr simulate` leaves it, with these held-out accuracies."""
+    root = Path(str(run.settings.out))
+    (root / "adapter").mkdir(parents=True)
+    (root / "run.json").write_text(json.dumps({
+        "client_ranks": run.settings.client_ranks(),
+        "partition": {"client_examples": [5] * run.settings.num_clients, "sha256": "f00"},
+        "evaluation": {"examples": 40, "heldout_examples": 800, "chance_accuracy": 0.1,
+                       "round_0": {"accuracy": 0.1}}}))
+    (root / "metrics.jsonl").write_text("".join(json.dumps({
+        "round": i + 1, "eval_accuracy": a, "aggregation_residual": 0.5, "bytes_up": 2**20,
+        "bytes_down": 2**21, "seconds": 3.0, "clients": ["0", "1"]}) + "\n"
+        for i, a in enumerate(accuracies)))
+
+
+def test_the_results_are_the_runs_own_numbers_with_their_spread_and_wall_time(tmp_path):
+    from fedlr.cli.compare import write_results
+    from fedlr.comparison.results import add_wall_time
+
+    out = tmp_path / "cmp"
+    config = base(tmp_path, rounds=3, out=str(out))
+    settings = ComparisonSettings(strategies=["fedit", "ffa"], epsilons=[INF], seeds=[0, 1],
+                                  references=False, target_accuracy=0.3)
+    runs = plan_comparison(config, settings, out)
+    curves = {("fedit", 0): [0.2, 0.3, 0.4], ("fedit", 1): [0.2, 0.25, 0.5],
+              ("ffa", 0): [0.35, 0.3, 0.3], ("ffa", 1): [0.1, 0.2, 0.2]}
+    for run in runs:
+        finished_run(run, curves[run.method, run.seed])
+        add_wall_time(out, run.key, 60.0)
+    add_wall_time(out, runs[0].key, 30.0)  # a run continued by a second invocation
+    document = write_results(config, settings, runs, out)
+    cells = {c["method"]: c for c in document["cells"]}
+    assert cells["fedit"]["final"]["mean"] == pytest.approx(0.45)
+    assert cells["fedit"]["final"]["std"] == pytest.approx(statistics.stdev([0.4, 0.5]))
+    assert cells["ffa"]["best"]["mean"] == pytest.approx((0.35 + 0.2) / 2)
+    assert cells["fedit"]["rounds_to_target"]["mean"] == pytest.approx(2.5)  # rounds 2 and 3
+    assert cells["ffa"]["reached_target"] == 1
+    assert cells["fedit"]["bytes_up"]["mean"] == 3 * 2**20
+    assert cells["fedit"]["wall_seconds"]["max"] == 90.0
+    assert document["wall_seconds"] == {"total": 270.0, "runs_timed": 4, "runs_finished": 4}
+    assert document["complete"] and document["same_federation"]["1"]["runs"] == 2
+    markdown = (out / "compare.md").read_text()
+    assert "| fedit | 0.450 ± 0.071 | 0.450 ± 0.071 |" in markdown
+    assert "0.07 hours for the 4 of 4 finished runs" in markdown
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # -- a whole comparison, killed and resumed ------------------------------------------------------
 
 COMPARE = ["compare", "--model", "tiny", "--strategies", "fedit,flora", "--epsilons", "inf,6",

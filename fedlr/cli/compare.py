@@ -78,7 +78,7 @@ def drive(base: Any, settings: ComparisonSettings, runs: list[PlannedRun], out: 
     the results rewritten after each."""
     from fedlr.client.app import app as client_app
     from fedlr.client.local_only import train_local_only
-    from fedlr.comparison.results import run_complete
+    from fedlr.comparison.results import add_wall_time, run_complete
     from fedlr.server.simulation import simulate
 
     todo = [r for r in runs if r.settings is not None]
@@ -91,12 +91,14 @@ def drive(base: Any, settings: ComparisonSettings, runs: list[PlannedRun], out: 
         resume = where.exists()
         console.print(f"[bold][{i}/{len(todo)}] {run.key}[/]" + (" (resuming)" if resume else ""),
                       highlight=False)
+        tic = time.perf_counter()
         if run.method == "local-only":
             with Progress(console=console, transient=True) as progress:
                 task = progress.add_task("local-only: clients", total=run.settings.num_clients)
                 train_local_only(run.settings, where, lambda _, t=task: progress.advance(t))
         else:
             simulate(run.settings, client_app, resume=resume, console=console, report=False)
+        add_wall_time(out, run.key, time.perf_counter() - tic)
         write_results(base, settings, runs, out)
     document = write_results(base, settings, runs, out)
     console.print(results_table(document))
@@ -110,10 +112,16 @@ def write_results(base: Any, settings: ComparisonSettings, runs: list[PlannedRun
     from fedlr.atomic import atomic_write, write_json
     from fedlr.comparison.document import build_document
     from fedlr.comparison.report import markdown, plot
-    from fedlr.comparison.results import check_same_federation, run_complete, summarise_run
+    from fedlr.comparison.results import (
+        check_same_federation,
+        run_complete,
+        summarise_run,
+        wall_times,
+    )
 
     finished = [r for r in runs if r.settings is not None and run_complete(r)]
-    summaries = {r.key: summarise_run(r) for r in finished}
+    walls = wall_times(out)
+    summaries = {r.key: summarise_run(r) | {"wall_seconds": walls.get(r.key)} for r in finished}
     try:
         same = check_same_federation(finished)
     except ValueError as exc:

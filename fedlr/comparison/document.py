@@ -32,9 +32,16 @@ def build_document(base: SimulationConfig, settings: ComparisonSettings,
                     "dp_level": level.dp if level.private else None} for level in levels],
         "cells": cells(runs, summaries, settings, base.task),
         "same_federation": same_federation,
+        "wall_seconds": wall_total(summaries),
         "evaluation": evaluation,
         "notes": notes(base, settings, evaluation, runs),
     }
+
+
+def wall_total(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The runs' wall time in all, over those `fedlr compare` timed (start-up included)."""
+    timed = [s["wall_seconds"] for s in summaries.values() if s.get("wall_seconds") is not None]
+    return {"total": sum(timed), "runs_timed": len(timed), "runs_finished": len(summaries)}
 
 
 def federation_line(base: SimulationConfig) -> str:

@@ -46,6 +46,11 @@ def markdown(document: dict[str, Any]) -> str:
                 "-" if c["reference"] else residual, _pm(c, "epsilon_spent", digits=2),
                 _pm(c, "seconds", digits=0)]) + " |")
         lines.append("")
+    wall = document.get("wall_seconds", {})
+    if wall.get("runs_timed"):
+        lines += [f"Wall time: {wall['total'] / 3600:.2f} hours for the {wall['runs_timed']} "
+                  f"of {wall['runs_finished']} finished runs that fedlr compare timed (each "
+                  "run's own, start-up included).", ""]
     lines += ["## What this covers", "", *[f"- {note}" for note in document["notes"]], ""]
     return "\n".join(lines)
 

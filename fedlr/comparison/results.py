@@ -11,9 +11,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlr.atomic import write_json
 from fedlr.comparison.plan import ComparisonSettings, Level, PlannedRun
 
 LOCAL_RESULTS = "local.json"  # the local-only reference's results (client/local_only.py)
+WALL_TIMES = "compare-timings.json"  # each run's wall time, as `fedlr compare` measured it
+
+
+def add_wall_time(out: Path, key: str, seconds: float) -> None:
+    """A run's own wall time (start-up included), summed over the invocations it took."""
+    times = wall_times(out)
+    times[key] = times.get(key, 0.0) + seconds
+    write_json(out / WALL_TIMES, times)
+
+
+def wall_times(out: Path) -> dict[str, float]:
+    path = out / WALL_TIMES
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run_complete(run: PlannedRun) -> bool:
@@ -174,5 +188,6 @@ def cells(runs: Sequence[PlannedRun], summaries: dict[str, dict[str, Any]],
                 "exact": all(s.get("exact", False) for s in done.values()),
                 "epsilon_spent": spread([s["epsilon"] for s in done.values()]),
                 "seconds": spread([s["seconds"] for s in done.values()]),
+                "wall_seconds": spread([s.get("wall_seconds") for s in done.values()]),
             })
     return out
