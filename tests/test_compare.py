@@ -239,6 +239,9 @@ def test_the_results_are_the_runs_own_numbers_with_their_spread_and_wall_time(tm
     assert document["complete"] and document["same_federation"]["1"]["runs"] == 2
     markdown = (out / "compare.md").read_text()
     assert "| fedit | 0.450 ± 0.071 | 0.450 ± 0.071 |" in markdown
+    overview = ["| method | non-private |", "|---|---|", "| fedit | 0.450 ± 0.071 |",
+                "| ffa | 0.250 ± 0.071 |"]
+    assert "\n".join(overview) in markdown
     assert "0.07 hours for the 4 of 4 finished runs" in markdown
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 

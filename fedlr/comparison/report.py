@@ -17,10 +17,27 @@ def _pm(cell: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> 
     return text + (f" ± {s['std'] / scale:.{digits}f}" if s["n"] > 1 else "")
 
 
+def overview(document: dict[str, Any]) -> list[str]:
+    """The final held-out metric of every method at every level in one table (mean ± standard
+    deviation over seeds): the comparison at a glance."""
+    levels = document["levels"]
+    lines = ["| method | " + " | ".join(level["label"] for level in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    for method in dict.fromkeys(c["method"] for c in document["cells"]):
+        row = {c["level"]: c for c in document["cells"] if c["method"] == method}
+        shown = ["-" if row.get(level["name"]) is None or "skipped" in row[level["name"]]
+                 else _pm(row[level["name"]], "final") for level in levels]
+        name = f"*{method}*" if next(iter(row.values()))["reference"] else method
+        lines.append(f"| {name} | " + " | ".join(shown) + " |")
+    return lines
+
+
 def markdown(document: dict[str, Any]) -> str:
-    """compare.md: one table per privacy level; references in italics; what is covered below."""
+    """compare.md: the overview, one table per privacy level (references in italics), and what
+    the numbers cover."""
     metric = document["metric"]
-    lines = [f"# {document['title']}", "", document["federation_line"], ""]
+    lines = [f"# {document['title']}", "", document["federation_line"], "",
+             f"Final held-out {metric}:", "", *overview(document), ""]
     for level in document["levels"]:
         rows = [c for c in document["cells"] if c["level"] == level["name"]]
         target = next((c["target"] for c in rows if "target" in c), None)
