@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -244,6 +245,12 @@ def test_the_results_are_the_runs_own_numbers_with_their_spread_and_wall_time(tm
     assert "\n".join(overview) in markdown
     assert "0.07 hours for the 4 of 4 finished runs" in markdown
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Incomplete" not in markdown
+    shutil.rmtree(Path(str(runs[-1].settings.out)) / "adapter")  # the last run is unfinished
+    document = write_results(config, settings, runs, out)
+    assert not document["complete"] and document["pending_runs"] == [runs[-1].key]
+    assert "**Incomplete**: 1 runs" in (out / "compare.md").read_text()
+    assert cells["ffa"]["final"]["n"] == 2 and document["cells"][1]["final"]["n"] == 1
 
 
 # -- a whole comparison, killed and resumed ------------------------------------------------------

@@ -36,8 +36,12 @@ def markdown(document: dict[str, Any]) -> str:
     """compare.md: the overview, one table per privacy level (references in italics), and what
     the numbers cover."""
     metric = document["metric"]
-    lines = [f"# {document['title']}", "", document["federation_line"], "",
-             f"Final held-out {metric}:", "", *overview(document), ""]
+    lines = [f"# {document['title']}", "", document["federation_line"], ""]
+    if not document["complete"]:
+        lines += [f"**Incomplete**: {len(document['pending_runs'])} runs have not finished "
+                  "(rerun the same `fedlr compare` command to continue); a cell shows the seeds "
+                  "finished so far.", ""]
+    lines += [f"Final held-out {metric}:", "", *overview(document), ""]
     for level in document["levels"]:
         rows = [c for c in document["cells"] if c["level"] == level["name"]]
         target = next((c["target"] for c in rows if "target" in c), None)
