@@ -47,7 +47,7 @@ def train_local_only(config: SimulationConfig, out: Path,
         result = trainer.train(client, strategy.starting_adapter(state, client),
                                fed.data.shard(int(client)), rank=rank,
                                train_a=strategy.trains_a, train_head=strategy.trains_head,
-                               ledger=ledger, seed=config.seed * 1_000_003 + int(client))
+                               ledger=ledger, seed=config.client_seed(0, client))
         model = host.model(rank)
         load_into_peft_model(model, result.adapter, host.adapter_name(rank))
         quality = evaluate(model, fed.data.heldout, config.task)

@@ -113,7 +113,7 @@ class Coordinator:
             rank=strategy.spec.ranks[client],
             train_a=strategy.trains_a,
             train_head=strategy.trains_head,
-            seed=config.seed * 1_000_003 + round_ * 10_007 + int(client),
+            seed=config.client_seed(round_, client),
             alpha=config.alpha,
             model={**self.fed.model.spec.__dict__, "targets": list(self.fed.model.host.targets)},
             data=self.fed.data_spec.__dict__,

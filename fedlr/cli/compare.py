@@ -16,6 +16,7 @@ from fedlr.cli.common import app, console, stop_on_signals
 from fedlr.cli.settings_options import as_flags, with_settings
 from fedlr.comparison.plan import ComparisonSettings, PlannedRun, plan_comparison
 from fedlr.errors import ConfigError, FedlrError
+from fedlr.settings.schema import SimulationConfig, read_toml
 
 PLAN_FILE = "compare-settings.json"
 
@@ -29,8 +30,6 @@ def compare(config: Path | None, resume: bool, overrides: dict[str, Any],
     references. Takes every option of `fedlr simulate`; a TOML --config may hold them too
     (the comparison's own in a table named compare). Rerun the same command to continue a
     stopped comparison."""
-    from fedlr.settings.schema import SimulationConfig, read_toml
-
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         values = (read_toml(config) if config is not None else {}) | given
@@ -49,8 +48,8 @@ def compare(config: Path | None, resume: bool, overrides: dict[str, Any],
     drive(base, settings, runs, out)
 
 
-def record_plan(out: Path, base: Any, settings: ComparisonSettings, clip: float | None
-                ) -> None:
+def record_plan(out: Path, base: SimulationConfig, settings: ComparisonSettings,
+                clip: float | None) -> None:
     """The comparison's settings, written once: a rerun with other settings is refused before
     any work (its runs would not be comparable with those already finished)."""
     from dataclasses import asdict
@@ -73,7 +72,8 @@ def record_plan(out: Path, base: Any, settings: ComparisonSettings, clip: float 
     write_json(path, wanted)
 
 
-def drive(base: Any, settings: ComparisonSettings, runs: list[PlannedRun], out: Path) -> None:
+def drive(base: SimulationConfig, settings: ComparisonSettings, runs: list[PlannedRun],
+          out: Path) -> None:
     """Each run in turn (seed by seed, so that a stopped comparison already has whole seeds),
     the results rewritten after each."""
     from fedlr.client.app import app as client_app
@@ -106,8 +106,8 @@ def drive(base: Any, settings: ComparisonSettings, runs: list[PlannedRun], out: 
                   f"{out / 'compare.json'}")
 
 
-def write_results(base: Any, settings: ComparisonSettings, runs: list[PlannedRun], out: Path
-                  ) -> dict[str, Any]:
+def write_results(base: SimulationConfig, settings: ComparisonSettings, runs: list[PlannedRun],
+                  out: Path) -> dict[str, Any]:
     """compare.json, compare.md and compare.png from the runs finished so far."""
     from fedlr.atomic import atomic_write, write_json
     from fedlr.comparison.document import build_document

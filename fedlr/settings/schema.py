@@ -267,6 +267,11 @@ class SimulationConfig:
     def client_ids(self) -> list[str]:
         return [str(i) for i in range(self.num_clients)]
 
+    def client_seed(self, round_: int, client: str) -> int:
+        """The seed of a client's non-private draws in a round (data order, dropout, fresh
+        factors): distinct per run seed, round and client."""
+        return self.seed * 1_000_003 + round_ * 10_007 + int(client)
+
     def client_ranks(self) -> dict[str, int]:
         """Ranks cycled over clients: client k gets ranks[k % len(ranks)]."""
         return {cid: self.ranks[i % len(self.ranks)] for i, cid in enumerate(self.client_ids())}
