@@ -383,3 +383,24 @@ def test_the_wrapper_releases_every_round_even_without_a_valid_update():
     assert abs(float(noise.std()) - expected) < 5 * expected / math.sqrt(2 * noise.numel())
     with pytest.raises(RoundFailedError):  # the wrapped strategy alone would refuse the round
         aggregate_round(strategy, state, [], policy=policy)
+
+
+def test_a_runs_client_level_epsilon_is_accounted_without_dp_accountings_chatter(caplog):
+    """Each round's client-level epsilon is the RDP accountant's, and the notes dp-accounting
+    logs for every order it drops (a valid, looser bound) stay out of the run's output."""
+    import logging
+
+    from fedlr.privacy.client_level import client_level_epsilon
+    from fedlr.privacy.report import RunPrivacy
+    from fedlr.settings.schema import SimulationConfig
+
+    config = SimulationConfig(model="tiny", strategy="ffa", num_clients=6, clients_per_round=3,
+                              client_noise_multiplier=1.235612, client_clip_norm=0.5)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        found = RunPrivacy(config).client_level(2)
+        quiet = list(caplog.records)
+        expected = client_level_epsilon(config.client_dp_config(), num_clients=6, per_round=3,
+                                        rounds=2)
+    assert found["epsilon"] == pytest.approx(expected)
+    assert not [r for r in quiet if "failed to converge" in r.getMessage()]
+    assert [r for r in caplog.records if "failed to converge" in r.getMessage()]  # unquieted

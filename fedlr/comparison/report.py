@@ -63,7 +63,7 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(" | ".join([
                 f"| {name}", _pm(c, "final"), _pm(c, "best"), reached,
                 *(["-", "-"] if c["reference"] else
-                  [_pm(c, "bytes_up", MB, 1), _pm(c, "bytes_down", MB, 1)]),
+                  [_pm(c, "bytes_up", MB, 2), _pm(c, "bytes_down", MB, 2)]),
                 "-" if c["reference"] else residual, _pm(c, "epsilon_spent", digits=2),
                 _pm(c, "seconds", digits=0)]) + " |")
         lines.append("")

@@ -15,6 +15,7 @@ from fedlr.privacy.client_level import (
     client_level_epsilon,
     published_sample_epsilon,
 )
+from fedlr.privacy.plan import quiet_absl
 from fedlr.privacy.sample_level import PrivacyLedger, opacus_epsilon
 from fedlr.settings.schema import SimulationConfig
 
@@ -49,6 +50,7 @@ class RunPrivacy:
         return {c: opacus_epsilon(led.history, dp.delta, led.accountant)
                 for c, led in self.ledgers.items()}
 
+    @quiet_absl()  # dp-accounting's notes on each RDP order it drops, every round
     def client_level(self, round_: int) -> dict[str, Any]:
         """Client-level DP after `round_` released rounds: the facts and the epsilon. With
         published client ids, each client's own unamplified epsilon over the rounds it joined."""
