@@ -9,12 +9,15 @@ from typing import Any
 MB = 2**20
 
 
-def _pm(cell: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
+def _pm(cell: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3,
+        style: str = "f") -> str:
+    """Mean ± standard deviation over seeds (the mean alone for one seed); `style` "e" for
+    values that span decades, such as residuals."""
     s = cell[key]
     if s["mean"] is None:
         return "-"
-    text = f"{s['mean'] / scale:.{digits}f}"
-    return text + (f" ± {s['std'] / scale:.{digits}f}" if s["n"] > 1 else "")
+    text = f"{s['mean'] / scale:.{digits}{style}}"
+    return text + (f" ± {s['std'] / scale:.{digits}{style}}" if s["n"] > 1 else "")
 
 
 def overview(document: dict[str, Any]) -> list[str]:
@@ -59,7 +62,7 @@ def markdown(document: dict[str, Any]) -> str:
             reached = (f"{_pm(c, 'rounds_to_target', digits=1)} ({c['reached_target']}/"
                        f"{seeds})" if not c["reference"] or c["method"] == "centralized"
                        else "-")
-            residual = "exact" if c["exact"] else _pm(c, "residual", digits=4)
+            residual = "exact" if c["exact"] else _pm(c, "residual", digits=1, style="e")
             lines.append(" | ".join([
                 f"| {name}", _pm(c, "final"), _pm(c, "best"), reached,
                 *(["-", "-"] if c["reference"] else
