@@ -31,6 +31,7 @@ from torch import Tensor
 from fedlr.adapters import Adapter, save_adapter
 from fedlr.atomic import atomic_write, write_json
 from fedlr.errors import ConfigError
+from fedlr.run_metrics import METRICS_FILE, read_metrics
 
 PACKAGES = ("fedlr", "torch", "flwr", "opacus", "peft", "transformers", "dp-accounting")
 
@@ -86,23 +87,20 @@ class RunDir:
     # -- metrics ---------------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        path = self.root / "metrics.jsonl"
+        path = self.root / METRICS_FILE
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
         lines.append(json.dumps(record, sort_keys=True) + "\n")
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines)))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.root / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.root / METRICS_FILE)
 
     def discard_after(self, last_round: int) -> None:
         """Drop what a round after the checkpoint left (a run killed before that round's
         checkpoint): its metrics line and its rounds/ folder; it runs again."""
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-        atomic_write(self.root / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.root / METRICS_FILE, lambda tmp: Path(tmp).write_text(text))
         for folder in sorted((self.root / "rounds").glob("[0-9]*")):
             if folder.is_dir() and int(folder.name) > last_round:
                 shutil.rmtree(folder)

@@ -225,6 +225,7 @@ def test_the_results_are_the_runs_own_numbers_with_their_spread_and_wall_time(tm
               ("ffa", 0): [0.35, 0.3, 0.3], ("ffa", 1): [0.1, 0.2, 0.2]}
     for run in runs:
         finished_run(run, curves[run.method, run.seed])
+    for run in runs[:-1]:  # the last one finished before runs were timed
         add_wall_time(out, run.key, 60.0)
     add_wall_time(out, runs[0].key, 30.0)  # a run continued by a second invocation
     document = write_results(config, settings, runs, out)
@@ -236,14 +237,16 @@ def test_the_results_are_the_runs_own_numbers_with_their_spread_and_wall_time(tm
     assert cells["ffa"]["reached_target"] == 1
     assert cells["fedit"]["bytes_up"]["mean"] == 3 * 2**20
     assert cells["fedit"]["wall_seconds"]["max"] == 90.0
-    assert document["wall_seconds"] == {"total": 270.0, "runs_timed": 4, "runs_finished": 4}
+    assert document["wall_seconds"] == {"total": 210.0, "runs_timed": 3, "runs_finished": 4,
+                                        "untimed_round_seconds": 9.0}  # its 3 rounds of 3 s
     assert document["complete"] and document["same_federation"]["1"]["runs"] == 2
     markdown = (out / "compare.md").read_text()
     assert "| fedit | 0.450 ± 0.071 | 0.450 ± 0.071 |" in markdown
+    assert ("0.06 hours for the 3 of 4 finished runs" in markdown
+            and "1 more ran before fedlr compare timed runs, and spent 0.00 hours" in markdown)
     overview = ["| method | non-private |", "|---|---|", "| fedit | 0.450 ± 0.071 |",
                 "| ffa | 0.250 ± 0.071 |"]
     assert "\n".join(overview) in markdown
-    assert "0.07 hours for the 4 of 4 finished runs" in markdown
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "Incomplete" not in markdown
     shutil.rmtree(Path(str(runs[-1].settings.out)) / "adapter")  # the last run is unfinished

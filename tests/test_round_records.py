@@ -68,3 +68,23 @@ def test_client_times_are_summed_over_the_clients_that_report_them():
     assert client_times(metrics) == {"client_seconds": 5.0, "client_step_seconds": 1.5,
                                      "client_setup_seconds": 0.5}
     assert client_times([]) == {}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("{not json", "is not valid JSON"), ('{"loss": 1.0}', "is not a round record"),
+    ("[1, 2]", "is not a round record")])
+def test_a_foreign_metrics_line_is_one_error_naming_the_file_and_line(tmp_path, line, message):
+    """Resume, compare and audit read metrics.jsonl back through one reader: what RunDir
+    appends round-trips, and a line it could not have written is refused, never skipped."""
+    from fedlr.errors import ConfigError
+    from fedlr.run_metrics import read_metrics
+
+    run = RunDir(tmp_path)
+    for round_ in (1, 2):
+        run.append_metrics({"round": round_, "eval_accuracy": None})
+    assert run.read_metrics() == [{"round": 1, "eval_accuracy": None},
+                                  {"round": 2, "eval_accuracy": None}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(ConfigError, match=f"metrics.jsonl:3 {message}"):
+        read_metrics(path)

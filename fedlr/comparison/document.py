@@ -39,9 +39,13 @@ def build_document(base: SimulationConfig, settings: ComparisonSettings,
 
 
 def wall_total(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The runs' wall time in all, over those `fedlr compare` timed (start-up included)."""
+    """The runs' wall time in all, over those `fedlr compare` timed (start-up included), and
+    the time in rounds of those it did not (finished by a version that kept no wall time), so
+    that a study's cost is stated from its own records."""
     timed = [s["wall_seconds"] for s in summaries.values() if s.get("wall_seconds") is not None]
-    return {"total": sum(timed), "runs_timed": len(timed), "runs_finished": len(summaries)}
+    untimed = [s.get("seconds") for s in summaries.values() if s.get("wall_seconds") is None]
+    return {"total": sum(timed), "runs_timed": len(timed), "runs_finished": len(summaries),
+            "untimed_round_seconds": sum(t for t in untimed if t is not None)}
 
 
 def federation_line(base: SimulationConfig) -> str:

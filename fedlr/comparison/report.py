@@ -74,9 +74,17 @@ def markdown(document: dict[str, Any]) -> str:
     if wall.get("runs_timed"):
         lines += [f"Wall time: {wall['total'] / 3600:.2f} hours for the {wall['runs_timed']} "
                   f"of {wall['runs_finished']} finished runs that fedlr compare timed (each "
-                  "run's own, start-up included).", ""]
+                  "run's own, start-up included)" + _untimed(wall) + ".", ""]
     lines += ["## What this covers", "", *[f"- {note}" for note in document["notes"]], ""]
     return "\n".join(lines)
+
+
+def _untimed(wall: dict[str, Any]) -> str:
+    untimed = wall["runs_finished"] - wall["runs_timed"]
+    if not untimed:
+        return ""
+    return (f"; {untimed} more ran before fedlr compare timed runs, and spent "
+            f"{wall.get('untimed_round_seconds', 0) / 3600:.2f} hours in their rounds")
 
 
 def plot(document: dict[str, Any], path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedlr.atomic import write_json
 from fedlr.comparison.plan import ComparisonSettings, Level, PlannedRun
+from fedlr.run_metrics import METRICS_FILE, read_metrics
 
 LOCAL_RESULTS = "local.json"  # the local-only reference's results (client/local_only.py)
 WALL_TIMES = "compare-timings.json"  # each run's wall time, as `fedlr compare` measured it
@@ -38,16 +39,9 @@ def run_complete(run: PlannedRun) -> bool:
     if run.method == "local-only":
         path = root / LOCAL_RESULTS
         return path.exists() and json.loads(path.read_text())["complete"]
-    records = read_records(root)
+    records = read_metrics(root / METRICS_FILE)
     return (root / "adapter").is_dir() and bool(records) and (
         records[-1]["round"] == run.settings.rounds)
-
-
-def read_records(root: Path) -> list[dict[str, Any]]:
-    path = root / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def quality_key(task: str) -> tuple[str, bool]:
@@ -65,7 +59,7 @@ def summarise_run(run: PlannedRun) -> dict[str, Any]:
         return {"final": local[f"mean_{metric}"], "best": local[f"mean_{metric}"], "curve": [],
                 "bytes_up": 0, "bytes_down": 0, "residual": None, "seconds": None,
                 "epsilon": local["epsilon_max"], "clients": len(local["clients"])}
-    records = read_records(root)
+    records = read_metrics(root / METRICS_FILE)
     facts = json.loads((root / "run.json").read_text())
     start = facts.get("evaluation", {}).get("round_0", {}).get(metric)
     curve = [(0, start)] if start is not None else []
@@ -114,7 +108,7 @@ def check_same_federation(runs: Sequence[PlannedRun]) -> dict[str, Any]:
         root = Path(str(run.settings.out))
         facts = json.loads((root / "run.json").read_text())
         seen = {"client_ranks": facts["client_ranks"], "partition": facts["partition"]}
-        sampled = [r.get("clients") for r in read_records(root)]
+        sampled = [r.get("clients") for r in read_metrics(root / METRICS_FILE)]
         first = checked.setdefault(run.seed, {**seen, "clients": None, "runs": 0})
         for name, value in seen.items():
             if value != first[name]:

@@ -24,6 +24,7 @@ from fedlr.privacy.client_level import (
     published_sample_epsilon,
 )
 from fedlr.privacy.sample_level import dp_accounting_epsilon, opacus_epsilon
+from fedlr.run_metrics import METRICS_FILE, read_metrics
 
 DISAGREEMENT = 0.01  # relative, on top of the numerical error the PRV accountant states
 COMPARED = ("the run's accountant agrees within 1 % (+0.01 for PRV's stated error) with "
@@ -325,30 +326,11 @@ def plot(report: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> N
     plt.close(fig)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The run's rounds for the plot; a torn or foreign file is an error, not a silent gap."""
-    if not path.is_file():
-        return []
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{lineno} is not valid JSON ({exc.msg}); nothing was "
-                              "audited") from None
-        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
-            raise ConfigError(f"{path}:{lineno} is not a round record; nothing was audited")
-        records.append(record)
-    return records
-
-
 def write_audit(run: Path, empirical: dict[str, dict[str, Any]] | None = None
                 ) -> dict[str, Any]:
     """audit.json, audit.md and audit.png in the run directory (each replaced atomically)."""
     report = audit_run(run, empirical)
-    metrics = read_metrics(run / "metrics.jsonl")
+    metrics = read_metrics(run / METRICS_FILE)
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     atomic_write(run / "audit.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     atomic_write(run / "audit.md",
