@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -41,23 +42,53 @@ TARGETS = {"tiny": {"speedup": 3.0, "peak_rss_mb": 1536}, "minilm": {"speedup": 
 
 
 class TreeRSS:
-    """Peak of the summed RSS of a process and all its descendants."""
+    """Peak of the summed RSS of a process and all its descendants, with each process's RSS and
+    PSS at that moment (PSS splits shared pages between the processes that map them, so it sums
+    to the memory the run really holds; summed RSS counts the shared libraries once per
+    process)."""
 
     def __init__(self, pid: int) -> None:
         self.root, self.peak, self.running = psutil.Process(pid), 0, True
+        self.at_peak: list[dict] = []
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while self.running:
-            total = 0
+            rows = []
             try:
                 for proc in [self.root, *self.root.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
-                        total += proc.memory_info().rss
+                        memory = proc.memory_full_info()
+                        rows.append({"process": role(proc), "rss_mb": memory.rss / 2**20,
+                                     "pss_mb": memory.pss / 2**20})
             except psutil.Error:
                 break
-            self.peak = max(self.peak, total)
+            total = sum(row["rss_mb"] for row in rows)
+            if total > self.peak:
+                self.peak, self.at_peak = total, rows
             time.sleep(0.2)
+
+    def summary(self) -> dict:
+        by_role: dict[str, dict[str, float]] = {}
+        for row in self.at_peak:
+            entry = by_role.setdefault(row["process"], {"count": 0, "rss_mb": 0.0, "pss_mb": 0.0})
+            entry["count"] += 1
+            entry["rss_mb"] += row["rss_mb"]
+            entry["pss_mb"] += row["pss_mb"]
+        return {"peak_rss_mb_all_processes": self.peak,
+                "pss_mb_at_peak": sum(row["pss_mb"] for row in self.at_peak),
+                "processes_at_peak": by_role}
+
+
+def role(proc: psutil.Process) -> str:
+    """What a process of the run is: the driver, a Ray worker training clients, or one of
+    Ray's own services."""
+    command = " ".join(proc.cmdline())
+    if "fedlr.cli" in command:
+        return "driver (fedlr simulate)"
+    if "ClientAppActor" in command:
+        return "Ray worker (clients)"
+    return "Ray services"
 
 
 def settings(model: str, args: argparse.Namespace, engine: str = "per-client",
@@ -90,7 +121,7 @@ def run_simulation(job: dict, out: Path) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     clients = job["num_clients"]
     rounds = [r["seconds"] for r in records]
-    return {"wall_seconds": wall, "peak_rss_mb_all_processes": meter.peak / 2**20,
+    return {"wall_seconds": wall, **meter.summary(),
             "round_seconds": rounds,
             "client_rounds_per_second": clients * len(rounds) / sum(rounds),
             "steady_client_rounds_per_second": clients / rounds[-1],
@@ -98,7 +129,8 @@ def run_simulation(job: dict, out: Path) -> dict:
             "client_seconds": sum(r.get("client_seconds", 0.0) for r in records),
             "exchange_seconds": sum(r.get("exchange_seconds", 0.0) for r in records),
             "eval_accuracy": records[-1].get("eval_accuracy"),
-            "rejected": sum(len(r["rejected"]) for r in records)}
+            "rejected": sum(len(r["rejected"]) for r in records),
+            "rejected_reasons": dict(Counter(x["reason"] for r in records for x in r["rejected"]))}
 
 
 def plain_loop(args: argparse.Namespace) -> dict:
@@ -130,13 +162,39 @@ def plain_loop(args: argparse.Namespace) -> dict:
 
 def plain_loop_process(args: argparse.Namespace) -> dict:
     """The plain loop as a whole job in a fresh process (imports, loading, training), timed
-    from outside like the simulation."""
+    from outside like the simulation, its memory sampled the same way."""
     cmd = [sys.executable, __file__, "--plain-worker", "--rounds", str(args.rounds),
            "--local-steps", str(args.local_steps)]
     start = time.perf_counter()
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    meter = TreeRSS(proc.pid)
+    meter.thread.start()
+    out, err = proc.communicate()
+    meter.running = False
+    if proc.returncode != 0:
+        raise SystemExit(f"plain loop failed:\n{err}")
     return {"wall_seconds": time.perf_counter() - start,
-            **json.loads(done.stdout.strip().splitlines()[-1])}
+            "peak_rss_mb": meter.peak, "pss_mb_at_peak": meter.summary()["pss_mb_at_peak"],
+            **json.loads(out.strip().splitlines()[-1])}
+
+
+IMPORTS = ("torch", "transformers", "peft", "opacus", "flwr.clientapp", "ray", "fedlr.client.app")
+IMPORT_PROBE = """
+import importlib, json, psutil
+me, out = psutil.Process(), {}
+for name in %r:
+    importlib.import_module(name)
+    out[name] = me.memory_full_info().uss / 2**20
+print(json.dumps(out))
+"""
+
+
+def import_costs() -> dict[str, float]:
+    """What every process of a run holds before it loads a model: the unique memory (MB) of a
+    fresh Python after importing each of the stack's packages in turn (cumulative)."""
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE % (IMPORTS,)], check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def chart(results: dict, path: Path) -> None:
@@ -191,6 +249,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "memory_gb": psutil.virtual_memory().total / 2**30},
         "results": results,
+        "import_uss_mb_cumulative": import_costs(),
         "targets": {m: TARGETS[m] for m in results},
     }
     if "tiny" in results:

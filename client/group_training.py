@@ -55,13 +55,12 @@ class GroupJob:
 
 @dataclass
 class Member:
-    """A client while the group trains: its round (from `begin`), its own copies of every
-    tensor of its adapter (keyed by the PEFT name), and its optimizer over the trainable ones."""
+    """A client while the group trains: its round (from `begin`, holding its own copies of
+    every tensor of its adapter, keyed by the PEFT name) and its optimizer over the trainable
+    ones."""
 
     job: GroupJob
     run: ClientRound
-    tensors: dict[str, Tensor]
-    trainable: list[Tensor]
     optimizer: torch.optim.Optimizer
     batches: Iterator[list[int]]
     active: bool = True
@@ -122,7 +121,7 @@ class GroupLayers:
         out = []
         for m in self.members:
             name = suffix.replace("{adapter}", f"r{m.run.rank}")
-            out.append(m.tensors[name])
+            out.append(m.run.tensors[name])
         return out
 
     def _lora_forward(self, path: str, module: Any) -> Any:
@@ -188,13 +187,8 @@ class GroupTrainer:
 
     def _join(self, job: GroupJob) -> Member:
         trainer = self.trainer
-        run = trainer.begin(job.client_id, job.start, job.data, **job.options)
-        adapter = f".r{job.rank}."
-        tensors = {name: p.detach().clone().requires_grad_(p.requires_grad)
-                   for name, p in run.model.named_parameters() if adapter in name}
-        trainable = [tensors[name] for name in run.names]
-        return Member(job, run, tensors, trainable, trainer.optimizer(trainable),
-                      iter(run.sampler))
+        run = trainer.begin(job.client_id, job.start, job.data, **job.options, own_copy=True)
+        return Member(job, run, trainer.optimizer(run.params), iter(run.sampler))
 
     def _train(self, jobs: Sequence[GroupJob]) -> list[TrainResult | FedlrError]:
         members: list[Member | FedlrError] = []
@@ -211,12 +205,7 @@ class GroupTrainer:
         return [m if isinstance(m, FedlrError) else self._close(m) for m in members]
 
     def _close(self, member: Member) -> TrainResult | FedlrError:
-        """Back into the PEFT model of its rank (which the other members of that rank shared),
-        then closed as training alone closes."""
-        with torch.no_grad():
-            for name, p in member.run.model.named_parameters():
-                if name in member.tensors:
-                    p.copy_(member.tensors[name])
+        """Closed as training alone closes."""
         timings = member.run.timings
         tic, joining = time.perf_counter(), timings["setup_seconds"] + timings["accountant_seconds"]
         try:
@@ -265,7 +254,7 @@ class GroupTrainer:
         trainer, device = self.trainer, self.trainer.host.device
         examples = [(c, m.run.data[i]) for c, m in enumerate(active) for i in m.indices]
         for m in active:
-            for t in m.trainable:
+            for t in m.run.params:
                 t.grad = None
         sizes = torch.tensor([max(1, len(m.indices)) for m in active], device=device)
         for chunk in length_buckets(examples, self.chunk_tokens):
@@ -283,12 +272,12 @@ class GroupTrainer:
             if private:
                 plan = m.run.plan
                 assert plan is not None
-                for t in m.trainable:  # one batch, whatever the micro-batches were
+                for t in m.run.params:  # one batch, whatever the micro-batches were
                     samples = getattr(t, "grad_sample", None)
                     if samples is None:  # no example in the whole group: noise alone
                         t.grad_sample = t.new_zeros((0, *t.shape))
                     elif isinstance(samples, list):
                         t.grad_sample = torch.cat(samples)
-                clip_and_noise(m.trainable, plan.max_grad_norm, plan.noise_multiplier,
+                clip_and_noise(m.run.params, plan.max_grad_norm, plan.noise_multiplier,
                                plan.sample_rate * m.run.sampler.n, m.run.noise_gen)
             m.optimizer.step()

@@ -15,12 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedlr.adapters import load_into_peft_model
 from fedlr.atomic import write_json
 from fedlr.client.training import LocalTrainer
 from fedlr.comparison.results import LOCAL_RESULTS
 from fedlr.evaluation import evaluate
 from fedlr.federation import Federation
+from fedlr.peft_layout import load_into_peft_model
 from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.settings.schema import SimulationConfig
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol, Required, TypedDict, Unpack
 import torch
 from torch import Tensor
 
-from fedlr.adapters import Adapter, from_peft_model, load_into_peft_model
+from fedlr.adapters import Adapter
 from fedlr.client.canaries import GradientCanaries
 from fedlr.client.step_engines import DPPlan, OpacusEngine, StepEngine
 from fedlr.data.batches import Encoded, per_example_loss
@@ -51,15 +51,17 @@ class TrainResult:
 
 @dataclass
 class ClientRound:
-    """One client's round between `LocalTrainer.begin` and `finish`: the rank's PEFT model
-    holding its start adapter, the trainable tensors (`params`, named `names`, in the model's
-    order, which is the order DP-SGD draws its noise in), the plan and the sampler."""
+    """One client's round between `LocalTrainer.begin` and `finish`: the rank's PEFT model, the
+    adapter's tensors by their names in it (`tensors`: the model's own, or the client's own
+    copies, see `begin`), the trainable ones (`params`, named `names`, in the model's order,
+    which is the order DP-SGD draws its noise in), the plan and the sampler."""
 
     client_id: str
     data: Encoded
     rank: int
     seed: int
     model: Any
+    tensors: dict[str, Tensor]
     names: list[str]
     params: list[Tensor]
     before: list[Tensor]
@@ -159,21 +161,25 @@ class LocalTrainer:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _prepare(self, start: Adapter, rank: int, train_a: bool, train_head: bool) -> Any:
+    def _prepare(self, start: Adapter, rank: int, train_a: bool, train_head: bool,
+                 own_copy: bool) -> tuple[Any, dict[str, Tensor]]:
+        """The rank's PEFT model on the start's base, and the adapter's tensors holding the
+        start: the model's own (loaded into it), or, with `own_copy`, the client's own copies
+        (the model untouched), as the batched engine trains them. Another rank's adapter
+        stays frozen (PEFT's active adapter)."""
         model = self.host.model(rank)
         self.host.set_base_delta(start.base)
-        name = self.host.adapter_name(rank)
-        load_into_peft_model(model, Adapter(lora=start.lora, extras=start.extras), name)
-        for param_name, param in model.named_parameters():
-            if f".{name}." not in param_name and not param_name.endswith(f".{name}"):
-                continue  # another rank's adapter: PEFT keeps it frozen
-            if ".lora_A." in param_name:
-                param.requires_grad_(train_a)
-            elif ".lora_B." in param_name:
-                param.requires_grad_(True)
-            else:  # modules_to_save copy of the head
-                param.requires_grad_(train_head)
-        return model
+        layout = self.host.layout(rank)
+        start = Adapter(lora=start.lora, extras=start.extras)
+        if own_copy:
+            tensors = layout.tensors(start)
+        else:
+            layout.load(start)
+            tensors = dict(layout.live)
+        trains = {"A": train_a, "B": True, "extra": train_head}
+        for slot in layout.slots:
+            tensors[slot.param].requires_grad_(trains[slot.kind] and slot.parameter)
+        return model, tensors
 
     def plan_dp(self, dp: DPConfig, n: int, trainable: int) -> DPPlan:
         """sigma, C, q and steps of this round; a target epsilon is solved for the whole planned
@@ -218,6 +224,7 @@ class LocalTrainer:
         canaries: GradientCanaries | None = None,
         limits: NodeLimits | None = None,
         dp_seed: int | None = None,
+        own_copy: bool = False,
     ) -> ClientRound:
         """Everything before the first step: the checks (data, ledger, budget, the node's own
         limits), the adapter loaded into the rank's PEFT model, the DP plan and the sampler.
@@ -226,7 +233,9 @@ class LocalTrainer:
         factors). Under DP the batch draws and the noise come from OS entropy; `dp_seed` replaces
         it in tests only. `limits` are the node's own (checked before the first step, with the
         job's budget). `canaries` (DP with per-sample gradients only) join the training set as
-        extra indices after the real examples, drawn by the same sampler, for an audit."""
+        extra indices after the real examples, drawn by the same sampler, for an audit.
+        `own_copy`: the client trains its own copies of the adapter's tensors, not the model's
+        (`_prepare`)."""
         n = len(data)
         if n == 0:
             raise FedlrError(f"client {client_id} has no training examples; repartition the data")
@@ -238,8 +247,8 @@ class LocalTrainer:
         started = time.perf_counter()
         if not start.lora:  # FLoRA: a fresh LoRA every round, on the merged base
             start = Adapter(self.host.fresh_lora(rank, seed), start.base, start.extras, start.meta)
-        model = self._prepare(start, rank, train_a, train_head)
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        model, tensors = self._prepare(start, rank, train_a, train_head, own_copy)
+        named = [(name, t) for name, t in tensors.items() if t.requires_grad]
         params = [p for _, p in named]
         universe = n + (canaries.count if canaries is not None else 0)
 
@@ -265,7 +274,7 @@ class LocalTrainer:
             noise_gen = private_generator(self.host.device,
                                           None if dp_seed is None else dp_seed + 1)
         return ClientRound(
-            client_id=client_id, data=data, rank=rank, seed=seed, model=model,
+            client_id=client_id, data=data, rank=rank, seed=seed, model=model, tensors=tensors,
             names=[name for name, _ in named], params=params,
             before=[p.detach().clone() for p in params], plan=plan,
             sampler=self.batches(universe, plan, batch_gen), noise_gen=noise_gen, ledger=ledger,
@@ -322,7 +331,7 @@ class LocalTrainer:
 
     def finish(self, run: ClientRound) -> TrainResult:
         """After the last step: refuse an adapter that never moved, read the trained adapter
-        from the PEFT model, record the DP steps in the ledger, and report."""
+        from the round's tensors, record the DP steps in the ledger, and report."""
         changed = any(not torch.equal(b, p.detach())
                       for b, p in zip(run.before, run.params, strict=True))
         if not changed:
@@ -332,7 +341,7 @@ class LocalTrainer:
                 "(see opacus#820: move the model to its device before attaching LoRA and DP)"
             )
         n = len(run.data)
-        adapter = from_peft_model(run.model, self.host.adapter_name(run.rank))
+        adapter = self.host.layout(run.rank).adapter(run.tensors)
         adapter.meta = {"client_id": run.client_id, "num_examples": n, "rank": run.rank}
         metrics: dict[str, Any] = {
             "train_loss": sum(run.losses) / len(run.losses) if run.losses else math.nan,

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -261,71 +260,3 @@ def load_peft_dir(path: Path) -> Adapter:
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterFileError(f"{path}: adapter_config.json does not describe its weights "
                                f"({type(exc).__name__}: {exc})") from None
-
-
-def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return {
-        name.removeprefix(PEFT_PREFIX): mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, LoraLayer)
-    }
-
-
-def from_peft_model(model: torch.nn.Module, adapter_name: str = "default") -> Adapter:
-    """Read the live LoRA factors, scalings and trainable extras of a PEFT model."""
-    from peft import get_peft_model_state_dict
-
-    lora = {
-        name: LoraFactors(
-            mod.lora_A[adapter_name].weight.detach().clone(),
-            mod.lora_B[adapter_name].weight.detach().clone(),
-            float(mod.scaling[adapter_name]),
-        )
-        for name, mod in _lora_layers(model).items()
-        if adapter_name in mod.lora_A
-    }
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    extras = {
-        k.removeprefix(PEFT_PREFIX): v.detach().clone()
-        for k, v in state.items()
-        if not _LORA_KEY.match(k.removeprefix(PEFT_PREFIX))
-    }
-    return Adapter(lora=lora, extras=extras)
-
-
-def load_into_peft_model(
-    model: torch.nn.Module, adapter: Adapter, adapter_name: str = "default"
-) -> None:
-    """Copy an adapter into a PEFT model in place, rescaling B where the model's scaling differs.
-
-    The product s B A is what matters, so a model whose LoRA scaling differs from the adapter's
-    still ends up with exactly the adapter's dW.
-    """
-    from peft import set_peft_model_state_dict
-
-    layers = _lora_layers(model)
-    missing = sorted(set(adapter.lora) - set(layers))
-    if missing:
-        raise ValueError(f"model has no LoRA layer for {missing[:3]}; check target modules")
-    with torch.no_grad():
-        for name, f in adapter.lora.items():
-            mod = layers[name]
-            a, b = mod.lora_A[adapter_name].weight, mod.lora_B[adapter_name].weight
-            if a.shape != f.A.shape or b.shape != f.B.shape:
-                raise ValueError(
-                    f"{name}: model LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} differ from "
-                    f"adapter A{tuple(f.A.shape)} B{tuple(f.B.shape)}; build the model with rank "
-                    f"{f.rank} for this module"
-                )
-            a.copy_(f.A)
-            b.copy_(f.B * (f.scaling / float(mod.scaling[adapter_name])))
-    if adapter.extras:
-        extras_only = Adapter(extras=adapter.extras)
-        result = set_peft_model_state_dict(
-            model, to_peft_state_dict(extras_only), adapter_name=adapter_name
-        )
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"model has no trainable tensor for {unexpected[:3]}")

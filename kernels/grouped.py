@@ -32,11 +32,20 @@ def _counts(owner: Tensor, clients: int) -> list[int]:
 
 def _stack(tensors: Sequence[Tensor], shape: tuple[int, ...], scales: Sequence[float] | None,
            like: Tensor) -> Tensor:
-    """The clients' tensors, zero-padded to `shape`, stacked (scaled when `scales`)."""
+    """The clients' tensors, zero-padded to `shape`, stacked (scaled when `scales`): one copy
+    per distinct shape (a group has few ranks), not one per client."""
     out = like.new_zeros((len(tensors), *shape))
+    by_shape: dict[torch.Size, list[int]] = {}
+    for c, t in enumerate(tensors):
+        by_shape.setdefault(t.shape, []).append(c)
     with torch.no_grad():
-        for c, t in enumerate(tensors):
-            out[(c, *(slice(0, n) for n in t.shape))] = t if scales is None else t * scales[c]
+        for size, clients in by_shape.items():
+            block = torch.stack([tensors[c] for c in clients])
+            if scales is not None:
+                factor = block.new_tensor([scales[c] for c in clients])
+                block = block * factor.view(-1, *(1 for _ in size))
+            where = torch.tensor(clients, device=like.device)
+            out[(where, *(slice(0, n) for n in size))] = block.to(like.dtype)
     return out
 
 

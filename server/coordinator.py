@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
-from fedlr.adapters import Adapter, LoraFactors, load_into_peft_model
+from fedlr.adapters import Adapter, LoraFactors
 from fedlr.client_ids import client_order
 from fedlr.errors import RoundFailedError
 from fedlr.evaluation import evaluate
@@ -36,6 +36,7 @@ from fedlr.lora.rounds import (
 from fedlr.lora.strategies import GlobalState
 from fedlr.lora.strategies.base import ClientUpdate
 from fedlr.lora.validation import ValidationPolicy
+from fedlr.peft_layout import load_into_peft_model
 from fedlr.privacy.report import RunPrivacy
 from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.privacy.secagg.server import Exchange, secure_round

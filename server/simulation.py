@@ -208,8 +208,8 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
         logging.getLogger("flwr").setLevel(logging.ERROR)  # not its deprecation notice per run
         logging.getLogger("fedlr").setLevel(logging.ERROR)  # rejections are listed at the end
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        # Ray workers get these (WORKER_ENV): one thread per virtual client, one CPU each.
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        # Ray workers get these (WORKER_ENV): as many threads as the CPUs a worker reserves
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(config.worker_cpus))))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # each simulated node keeps its own privacy ledger, as a deployed one does (resume
         # then continues every ledger exactly, with the rounds the nodes trained before a kill);

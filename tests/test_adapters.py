@@ -12,17 +12,16 @@ from transformers import BertConfig, BertForSequenceClassification
 from fedlr.adapters import (
     Adapter,
     LoraFactors,
-    from_peft_model,
     from_peft_state_dict,
     load_adapter,
     load_delta_weights,
-    load_into_peft_model,
     peft_config_fields,
     save_adapter,
     to_peft_state_dict,
 )
 from fedlr.errors import AdapterFileError
 from fedlr.lora.lowrank import LowRank
+from fedlr.peft_layout import PeftLayout, from_peft_model, load_into_peft_model
 
 TARGETS = ["query", "value"]
 
@@ -116,6 +115,43 @@ def test_load_into_model_with_other_scaling_keeps_the_product():
     load_into_peft_model(other, adapter)
     for name, delta in merged_deltas(other).items():
         assert torch.allclose(delta, adapter.lora[name].delta(), atol=1e-6)
+
+
+def test_a_layouts_own_copies_leave_the_model_as_it_was_and_read_back_as_loading_would():
+    model, _ = peft_model()
+    before = from_peft_model(model)
+    other, _ = peft_model(seed=5)
+    wanted = from_peft_model(other)
+    layout = PeftLayout(model)
+    copies = layout.tensors(wanted)
+    with torch.no_grad():
+        for t in copies.values():  # what training does to them
+            t.mul_(1.5)
+    after = from_peft_model(model)  # the model never saw the copies
+    assert all(torch.equal(after.lora[m].A, before.lora[m].A)
+               and torch.equal(after.lora[m].B, before.lora[m].B) for m in before.lora)
+    read = layout.adapter(copies)
+    layout.load(read)
+    loaded = from_peft_model(model)
+    for m, f in wanted.lora.items():
+        assert torch.allclose(read.lora[m].delta(), 1.5**2 * f.delta(), atol=1e-6)
+        assert torch.equal(loaded.lora[m].A, read.lora[m].A)
+    assert loaded.extras.keys() == wanted.extras.keys() == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(loaded.extras[k], 1.5 * wanted.extras[k]) for k in wanted.extras)
+
+
+def test_a_layout_refuses_what_the_model_cannot_hold():
+    model, _ = peft_model()
+    layout, adapter = PeftLayout(model), from_peft_model(model)
+    unknown = Adapter(lora={"encoder.nowhere": next(iter(adapter.lora.values()))})
+    with pytest.raises(ValueError, match="no LoRA layer for"):
+        layout.tensors(unknown)
+    with pytest.raises(ValueError, match="no trainable tensor for"):
+        layout.tensors(Adapter(extras={"pooler.weight": torch.zeros(2)}))
+    module, f = next((m, f) for m, f in adapter.lora.items() if f.rank == 4)
+    wrong = Adapter(lora={module: LoraFactors(f.A[:2], f.B[:, :2], f.scaling)})
+    with pytest.raises(ValueError, match="build the model with rank 2"):
+        layout.tensors(wrong)
 
 
 def test_save_and_load_round_trip_with_metadata(tmp_path):

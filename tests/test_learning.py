@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from fedlr.adapters import load_into_peft_model
 from fedlr.client.training import LocalTrainer
 from fedlr.data.batches import encode
 from fedlr.data.sources import load_data, partition
@@ -12,6 +11,7 @@ from fedlr.evaluation import evaluate
 from fedlr.lora.rounds import close_round, plan_round
 from fedlr.lora.strategies import ClientUpdate, FederationSpec, make_strategy
 from fedlr.models.hosts import LoraHost, default_targets, load_base_model, load_tokenizer
+from fedlr.peft_layout import load_into_peft_model
 from fedlr.settings.specs import ModelSpec, TrainConfig
 
 

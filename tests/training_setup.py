@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fedlr.adapters import from_peft_model
 from fedlr.data.batches import Encoded, encode
 from fedlr.models.hosts import LoraHost, default_targets, load_base_model, load_tokenizer
+from fedlr.peft_layout import from_peft_model
 from fedlr.settings.specs import ModelSpec
 
 TEXTS = [

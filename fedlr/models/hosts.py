@@ -21,6 +21,7 @@ from fedlr.errors import ConfigError
 from fedlr.lora.lowrank import LowRank, kaiming_uniform_a
 from fedlr.lora.strategies.base import ModuleShape
 from fedlr.models.sources import PRESETS, resolve_source
+from fedlr.peft_layout import PeftLayout
 from fedlr.settings.specs import ModelSpec
 
 # LoRA targets per architecture, the usual attention query/value choice.
@@ -194,6 +195,7 @@ class LoraHost:
         self._base = base
         self._model: Any = None
         self._originals: dict[str, Tensor] = {}
+        self._layouts: dict[int, PeftLayout] = {}
 
     @property
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -237,6 +239,12 @@ class LoraHost:
             self._model.add_adapter(name, self._config(rank))
         self._model.set_adapter(name)
         return self._model
+
+    def layout(self, rank: int) -> PeftLayout:
+        """Where the rank-`rank` adapter's tensors live in the PEFT model (worked out once)."""
+        if rank not in self._layouts:
+            self._layouts[rank] = PeftLayout(self.model(rank), self.adapter_name(rank))
+        return self._layouts[rank]
 
     @staticmethod
     def adapter_name(rank: int) -> str:

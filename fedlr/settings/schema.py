@@ -167,8 +167,8 @@ class SimulationConfig:
         "HEAD_IP:6379); each machine needs the same fedlr install and the run directory on a "
         "shared filesystem (unset: a local Ray started for this run).", "run")
     worker_cpus: float = setting(
-        1.0, "CPUs each Ray worker reserves (a worker is one process that trains the "
-        "simulated clients sent to it).", "run")
+        1.0, "CPUs each Ray worker reserves and trains with, one thread each (a worker is one "
+        "process that trains the simulated clients sent to it).", "run")
     worker_gpus: float | None = setting(
         None, "GPUs each Ray worker reserves, a fraction to share one (unset: an equal share of "
         "this machine's GPU per CPU, none without a GPU; on a cluster, set it).", "run")
