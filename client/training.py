@@ -169,8 +169,7 @@ class LocalTrainer:
         stays frozen (PEFT's active adapter)."""
         model = self.host.model(rank)
         self.host.set_base_delta(start.base)
-        layout = self.host.layout(rank)
-        start = Adapter(lora=start.lora, extras=start.extras)
+        layout = self.host.layout(rank)  # LoRA and extras; the base update is set above
         if own_copy:
             tensors = layout.tensors(start)
         else:
