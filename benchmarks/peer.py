@@ -37,6 +37,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from fedlr.run_metrics import METRICS_FILE, read_metrics
+
 RESULTS = Path(__file__).parent / "results"
 # fedlr trains client by client (as the peer does), then with its batched engine
 SIDES = {"peer": None, "fedlr": "per-client", "fedlr_batched": "batched"}
@@ -85,7 +87,7 @@ def run_fedlr(clients: int, rounds: int, dp: bool, env: dict[str, str], folder: 
     cache = folder / f"epsilon-cache-{name}"  # empty: no earlier run's values
     wall, _ = timed([sys.executable, "-m", "fedlr.cli", "simulate", "--config", str(config),
                      "--out", str(out)], {**env, "FEDLR_CACHE_DIR": str(cache)})
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / METRICS_FILE)
     totals = {k: sum(r.get(k, 0.0) for r in records) for k in ("seconds", *SERVER_TIMES,
                                                                  *CLIENT_TIMES)}
     totals["outside_rounds"] = wall - totals.pop("seconds")  # start-up, round 0, export

@@ -25,6 +25,8 @@ from statistics import mean
 from rich.console import Console
 from rich.table import Table
 
+from fedlr.run_metrics import METRICS_FILE, read_metrics
+
 RESULTS = Path(__file__).parent / "results" / "secagg.json"
 ROUNDS = 3  # round 1 pays start-up; rounds 2 and 3 are averaged
 RUN = """
@@ -49,7 +51,7 @@ def measure(clients: int, local_steps: int, secure: bool, ranks: list[int], fold
     config = settings(clients, local_steps, secure, ranks, out)
     subprocess.run([sys.executable, "-c", RUN, json.dumps(config)], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / METRICS_FILE)
     warm = records[1:]
     last = warm[-1]
     row = {"round_seconds": mean(r["seconds"] for r in warm),

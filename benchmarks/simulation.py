@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from fedlr.run_metrics import METRICS_FILE, read_metrics
+
 RESULTS = Path(__file__).parent / "results" / "simulation.json"
 ENGINES = ("per-client", "batched")
 MODELS = {  # the job of each model, as `fedlr.settings.schema.SimulationConfig` fields
@@ -118,7 +120,7 @@ def run_simulation(job: dict, out: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"simulation failed:\n{err}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / METRICS_FILE)
     clients = job["num_clients"]
     rounds = [r["seconds"] for r in records]
     return {"wall_seconds": wall, **meter.summary(),

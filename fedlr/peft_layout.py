@@ -47,7 +47,6 @@ class PeftLayout:
     def __init__(self, model: torch.nn.Module, adapter_name: str = "default") -> None:
         from peft import get_peft_model_state_dict
 
-        self.adapter_name = adapter_name
         params = dict(model.named_parameters())
         live = {**params, **dict(model.named_buffers())}
         found: dict[str, Slot] = {}
