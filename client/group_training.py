@@ -1,7 +1,9 @@
 """The batched engine: a group of one round's clients trained together in one process.
 
 Every client of the group keeps what training it alone would have: its own start adapter (any
-rank), its own sampler (its own Poisson draws under DP), its own optimizer state, its own noise
+rank), its own sampler (its own Poisson draws under DP), its own optimizer state (one optimizer
+holds every member's parameters, each with its own state, and steps those that have a gradient:
+the members still training), its own noise
 generator and ledger. Each step concatenates the clients' batches, runs the frozen base once
 over all of them, and sends each example through its own client's LoRA and head
 (`fedlr.kernels.grouped`). Each client's loss is the mean over its own examples, and no example
@@ -56,12 +58,10 @@ class GroupJob:
 @dataclass
 class Member:
     """A client while the group trains: its round (from `begin`, holding its own copies of
-    every tensor of its adapter, keyed by the PEFT name) and its optimizer over the trainable
-    ones."""
+    every tensor of its adapter, keyed by the PEFT name)."""
 
     job: GroupJob
     run: ClientRound
-    optimizer: torch.optim.Optimizer
     batches: Iterator[list[int]]
     active: bool = True
     indices: list[int] = field(default_factory=list)
@@ -188,7 +188,7 @@ class GroupTrainer:
     def _join(self, job: GroupJob) -> Member:
         trainer = self.trainer
         run = trainer.begin(job.client_id, job.start, job.data, **job.options, own_copy=True)
-        return Member(job, run, trainer.optimizer(run.params), iter(run.sampler))
+        return Member(job, run, iter(run.sampler))
 
     def _train(self, jobs: Sequence[GroupJob]) -> list[TrainResult | FedlrError]:
         members: list[Member | FedlrError] = []
@@ -222,6 +222,8 @@ class GroupTrainer:
         model = members[0].run.model
         tic = time.perf_counter()
         layers = GroupLayers(model)
+        # foreach: one pass over a group's hundreds of small tensors, not a Python loop
+        optimizer = trainer.optimizer([t for m in members for t in m.run.params], foreach=True)
         model.train()
         try:
             seed = members[0].job.options.get("seed", 0) if plan is None else None
@@ -230,7 +232,9 @@ class GroupTrainer:
                     active = [m for m in members if self._next(m)]
                     if not active:
                         break
+                    optimizer.zero_grad(set_to_none=True)  # who has left is not stepped
                     self._step(active, layers, plan is not None)
+                    optimizer.step()
         finally:
             layers.close()
             model.eval()
@@ -248,36 +252,36 @@ class GroupTrainer:
         return member.active
 
     def _step(self, active: list[Member], layers: GroupLayers, private: bool) -> None:
-        """One optimiser step of every active member: the group's examples in micro-batches of
-        similar length (so that few tokens are padding; each holds about `chunk_tokens`), each
-        sorted by member, their gradients accumulated."""
+        """The gradients of one step of every active member: the group's examples in
+        micro-batches of similar length (so that few tokens are padding; each holds about
+        `chunk_tokens`), each sorted by member, their gradients accumulated."""
         trainer, device = self.trainer, self.trainer.host.device
         examples = [(c, m.run.data[i]) for c, m in enumerate(active) for i in m.indices]
-        for m in active:
-            for t in m.run.params:
-                t.grad = None
-        sizes = torch.tensor([max(1, len(m.indices)) for m in active], device=device)
         for chunk in length_buckets(examples, self.chunk_tokens):
             chunk.sort(key=lambda example: example[0])
-            owner = torch.tensor([c for c, _ in chunk], device=device)
+            # only the members with examples in this pass: the others would get zero gradients
+            present = sorted({c for c, _ in chunk})
+            local = {c: i for i, c in enumerate(present)}
+            owner = torch.tensor([local[c] for c, _ in chunk], device=device)
             batch = collate([item for _, item in chunk], active[0].run.data.pad_id).to(device)
-            layers.bind(active, owner, per_sample=private)
+            layers.bind([active[c] for c in present], owner, per_sample=private)
             with trainer.autocast(active[0].run.plan):
                 losses = per_example_loss(active[0].run.model, batch, trainer.host.task)
-            weights = torch.ones_like(losses) if private else 1.0 / sizes[owner].to(losses.dtype)
-            (losses * weights).sum().backward()
+            if private:
+                losses.sum().backward()
+            else:  # each member's loss is the mean over its whole batch
+                weights = losses.new_tensor([1.0 / len(active[c].indices) for c, _ in chunk])
+                (losses * weights).sum().backward()
             for (c, _), value in zip(chunk, losses.detach().float().tolist(), strict=True):
                 active[c].run.losses.append(value)
-        for m in active:
-            if private:
-                plan = m.run.plan
-                assert plan is not None
-                for t in m.run.params:  # one batch, whatever the micro-batches were
-                    samples = getattr(t, "grad_sample", None)
-                    if samples is None:  # no example in the whole group: noise alone
-                        t.grad_sample = t.new_zeros((0, *t.shape))
-                    elif isinstance(samples, list):
-                        t.grad_sample = torch.cat(samples)
-                clip_and_noise(m.run.params, plan.max_grad_norm, plan.noise_multiplier,
-                               plan.sample_rate * m.run.sampler.n, m.run.noise_gen)
-            m.optimizer.step()
+        for m in active if private else ():
+            plan = m.run.plan
+            assert plan is not None
+            for t in m.run.params:  # one batch, whatever the micro-batches were
+                samples = getattr(t, "grad_sample", None)
+                if samples is None:  # no example in the whole group: noise alone
+                    t.grad_sample = t.new_zeros((0, *t.shape))
+                elif isinstance(samples, list):
+                    t.grad_sample = torch.cat(samples)
+            clip_and_noise(m.run.params, plan.max_grad_norm, plan.noise_multiplier,
+                           plan.sample_rate * m.run.sampler.n, m.run.noise_gen)

@@ -202,10 +202,13 @@ class LocalTrainer:
             return PoissonBatches(n, plan.sample_rate, plan.steps, generator)
         return ShuffledBatches(n, self.config.batch_size, self.config.local_steps, generator)
 
-    def optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+    def optimizer(self, params: list[Tensor], foreach: bool | None = None
+                  ) -> torch.optim.Optimizer:
         if self.config.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+            return torch.optim.SGD(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
+                                   foreach=foreach)
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
+                                 foreach=foreach)
 
     # -- training ------------------------------------------------------------------------------
 

@@ -14,9 +14,11 @@ does not decode raises `WireError`, which the server records as a malformed repl
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fedlr.adapters import Adapter, adapter_from_tensors
@@ -167,31 +169,46 @@ def reply_from_parts(parts: Parts, start: Adapter | None = None) -> TrainReply |
 
 
 GROUP_FIELD = "group"
+PACKED_FIELD = "packed"  # which tensor of a bundle's packed buffers is whose, in order
 
 
 def bundle(parts: dict[str, Parts], **fields: Scalar) -> Parts:
-    """Several clients' messages as one (a batched group's, in a simulation): each tensor and
-    field under its client's id, the ids in order in `group`, plus `fields` for the group."""
+    """Several clients' messages as one (a batched group's, in a simulation): each field under
+    its client's id, the ids in order in `group`, plus `fields` for the group. The tensors
+    travel packed, one flat buffer per dtype, listed in `packed`: a transport encodes a few
+    buffers, not hundreds of small tensors (a group of 100 carries 600)."""
     if any("/" in client for client in parts):
         raise ValueError("client ids in a group must not contain '/'")
+    index, flat = [], {}
+    for c, p in parts.items():
+        for name, t in p.arrays.items():
+            dtype = str(t.dtype).removeprefix("torch.")
+            index.append([c, name, dtype, list(t.shape)])
+            flat.setdefault(dtype, []).append(t.reshape(-1))
     return Parts(
-        {f"{c}/{k}": t for c, p in parts.items() for k, t in p.arrays.items()},
+        {f"{PACKED_FIELD}/{dtype}": torch.cat(ts) for dtype, ts in flat.items()},
         {**{f"{c}/{k}": v for c, p in parts.items() for k, v in p.fields.items()},
-         **fields, GROUP_FIELD: json.dumps(list(parts))},
+         **fields, GROUP_FIELD: json.dumps(list(parts)), PACKED_FIELD: json.dumps(index)},
     )
 
 
 def unbundle(parts: Parts) -> dict[str, Parts]:
-    """`bundle` undone: each client's own message, in the group's order."""
+    """`bundle` undone: each client's own message, in the group's order (its tensors are views
+    of the packed buffers)."""
     try:
         clients = [str(c) for c in json.loads(str(parts.fields[GROUP_FIELD]))]
+        out: dict[str, Parts] = {c: Parts({}, {}) for c in clients}
+        offsets: dict[str, int] = {}
+        for client, name, dtype, shape in json.loads(str(parts.fields.get(PACKED_FIELD, "[]"))):
+            buffer = parts.arrays[f"{PACKED_FIELD}/{dtype}"]
+            start, size = offsets.get(dtype, 0), math.prod(shape)
+            if start + size > buffer.numel():
+                raise ValueError(f"{client}'s {name} runs past the packed {dtype} buffer")
+            offsets[dtype] = start + size
+            if client in out:
+                out[client].arrays[name] = buffer[start:start + size].view(shape)
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"malformed group ({type(exc).__name__}: {exc})") from None
-    out: dict[str, Parts] = {c: Parts({}, {}) for c in clients}
-    for key, t in parts.arrays.items():
-        client, _, name = key.partition("/")
-        if client in out:
-            out[client].arrays[name] = t
     for key, v in parts.fields.items():
         client, _, name = key.partition("/")
         if name and client in out:

@@ -212,16 +212,34 @@ def test_a_group_with_canaries_is_refused_before_any_training(f64_host):
 def test_a_bundle_unbundles_to_each_clients_own_message():
     from fedlr.wire import Parts, bundle, unbundle
 
-    parts = {"3": Parts({"lora_A::x": torch.ones(2)}, {"job": "a", "n": 1}),
-             "10": Parts({"lora_A::x": torch.zeros(3)}, {"job": "b", "n": 2})}
+    parts = {"3": Parts({"lora_A::x": torch.ones(2), "lora_B::x": torch.randn(4, 2).T,
+                         "steps": torch.tensor(7)}, {"job": "a", "n": 1}),
+             "10": Parts({"lora_A::x": torch.zeros(3, dtype=torch.float64),
+                          "extra::w": torch.randn(2, 3, 2)}, {"job": "b", "n": 2}),
+             "11": Parts({}, {"kind": "refusal"})}
     carried = bundle(parts, engine="batched")
     assert carried.fields["engine"] == "batched"
+    # one packed buffer per dtype, not one tensor per client and name
+    assert sorted(carried.arrays) == ["packed/float32", "packed/float64", "packed/int64"]
     back = unbundle(carried)
-    assert list(back) == ["3", "10"]
+    assert list(back) == ["3", "10", "11"]
     for client, p in parts.items():
         assert back[client].fields == p.fields
         assert back[client].arrays.keys() == p.arrays.keys()
-        assert all(torch.equal(back[client].arrays[k], t) for k, t in p.arrays.items())
+        for k, t in p.arrays.items():
+            assert back[client].arrays[k].dtype == t.dtype
+            assert torch.equal(back[client].arrays[k], t)
+
+
+def test_a_bundle_whose_index_overruns_its_buffers_is_malformed():
+    from fedlr.wire import Parts, WireError, bundle, unbundle
+
+    carried = bundle({"0": Parts({"w": torch.ones(4)}, {}), "1": Parts({"w": torch.ones(2)}, {})})
+    short = Parts({"packed/float32": carried.arrays["packed/float32"][:5]}, carried.fields)
+    with pytest.raises(WireError, match="1's w runs past the packed float32 buffer"):
+        unbundle(short)
+    with pytest.raises(WireError, match="malformed group"):
+        unbundle(Parts({}, carried.fields))  # the buffer is missing
 
 
 def test_groups_spread_a_rounds_clients_over_the_workers_within_their_size():
