@@ -58,7 +58,7 @@ class GradientCanaries:
         (Opacus's own clip factors), then append the gradients of the canaries the sampler drew
         (`drawn`, canary numbers) that are in the data set as extra per-sample rows."""
         params = self._params
-        samples = [p.grad_sample.reshape(len(p.grad_sample), -1) for p in params]
+        samples = [p.grad_sample.flatten(1) for p in params]  # a batch may be empty
         factors = (self.norm / (per_sample_norms(samples) + 1e-6)).clamp(max=1.0)
         clipped_sum = torch.cat([(factors[:, None] * g).sum(0) for g in samples])
         self._data_part = clipped_sum[self.coordinates.to(clipped_sum.device)].double().cpu()

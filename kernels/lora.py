@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -273,7 +274,8 @@ def _grad_samples(param: Tensor) -> tuple[Tensor, int]:
 
 def per_sample_norms(grad_samples: Sequence[Tensor]) -> Tensor:
     """Each example's gradient norm over all given tensors together (flat clipping)."""
-    squares = [g.reshape(len(g), -1).pow(2).sum(1) for g in grad_samples]
+    # sizes spelled out: a batch may hold no example (Poisson sampling), where -1 is ambiguous
+    squares = [g.reshape(g.shape[0], math.prod(g.shape[1:])).pow(2).sum(1) for g in grad_samples]
     return torch.stack(squares).sum(0).sqrt()
 
 

@@ -174,6 +174,27 @@ def test_group_round_equals_each_client_alone(f64_host, dp, train_a, train_head,
         assert moved > 1e-3  # the comparison is not between two untrained adapters
 
 
+def test_a_member_whose_poisson_batch_is_empty_steps_on_noise_alone(f64_host):
+    """Under DP-SGD a step may draw none of a client's examples (Poisson sampling, batch 1 of 5
+    to 12 examples here): that member's gradient is noise alone, as training alone gives it, and
+    neither it nor the group fails."""
+    host, data = f64_host
+    dp_config = DPConfig(noise_multiplier=0.7, max_grad_norm=0.5, delta=1e-5)
+    trainer = LocalTrainer(host, TrainConfig(local_steps=6, batch_size=1, lr=0.05, dp=dp_config))
+    jobs = jobs_for(host, data, [2, 4, 8], train_a=True, train_head=True, dp=True)
+    drawn = [list(trainer.begin(j.client_id, j.start, j.data, **j.options).sampler) for j in jobs]
+    assert any(not batch for batches in drawn for batch in batches)  # some step drew nobody
+    together = GroupTrainer(trainer).train(jobs)
+    for job, grouped in zip(jobs, together, strict=True):
+        single = alone(trainer, job)
+        assert not isinstance(grouped, FedlrError), grouped
+        for name, f in single.adapter.lora.items():
+            torch.testing.assert_close(grouped.adapter.lora[name].A, f.A, rtol=0, atol=1e-10)
+            torch.testing.assert_close(grouped.adapter.lora[name].B, f.B, rtol=0, atol=1e-10)
+        for name, t in single.adapter.extras.items():
+            torch.testing.assert_close(grouped.adapter.extras[name], t, rtol=0, atol=1e-10)
+
+
 def test_one_clients_refusal_leaves_the_others_training(f64_host):
     """A client past its budget refuses with the error training alone raises; the rest of the
     group trains as if it were not there."""
