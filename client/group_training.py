@@ -3,14 +3,13 @@
 Every client of the group keeps what training it alone would have: its own start adapter (any
 rank), its own sampler (its own Poisson draws under DP), its own optimizer state (one optimizer
 holds every member's parameters, each with its own state, and steps those that have a gradient:
-the members still training), its own noise
-generator and ledger. Each step concatenates the clients' batches, runs the frozen base once
-over all of them, and sends each example through its own client's LoRA and head
-(`fedlr.kernels.grouped`). Each client's loss is the mean over its own examples, and no example
-depends on another client's adapter, so the backward gives every client exactly its own
-gradient; under DP-SGD each example's gradient instead, clipped and noised per client as Opacus
-does (`fedlr.kernels.clip_and_noise`). A client that runs out of steps leaves the group; the
-others go on.
+the members still training), its own noise generator and ledger. Each step concatenates the
+clients' batches, runs the frozen base once over all of them, and sends each example through its
+own client's LoRA and head (`fedlr.kernels.grouped`). Each client's loss is the mean over its
+own examples, and no example depends on another client's adapter, so the backward gives every
+client exactly its own gradient; under DP-SGD each example's gradient instead, clipped and
+noised per client as Opacus does (`fedlr.kernels.clip_and_noise`). A client that runs out of
+steps leaves the group; the others go on.
 
 Setup and closing are `LocalTrainer`'s own (`begin`, `finish`), so checks, ledgers, budgets and
 metrics are those of the per-client path. With dropout in the frozen base (MiniLM) the masks are

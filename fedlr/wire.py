@@ -176,7 +176,7 @@ def bundle(parts: dict[str, Parts], **fields: Scalar) -> Parts:
     """Several clients' messages as one (a batched group's, in a simulation): each field under
     its client's id, the ids in order in `group`, plus `fields` for the group. The tensors
     travel packed, one flat buffer per dtype, listed in `packed`: a transport encodes a few
-    buffers, not hundreds of small tensors (a group of 100 carries 600)."""
+    buffers, not one small tensor per client and name (900 for 100 tiny clients)."""
     if any("/" in client for client in parts):
         raise ValueError("client ids in a group must not contain '/'")
     index, flat = [], {}
