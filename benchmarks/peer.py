@@ -6,8 +6,10 @@ batch 16 (AdamW, lr 3e-3), the global weights evaluated on the same 400 held-out
 every round; with DP-SGD (sigma 1, C 1, Poisson sampling, PRV accountant) and without. The peer
 (`benchmarks/peer_app.py`) is written the way Flower's examples are: each train() call rebuilds
 the model, the data loader and Opacus's engine and computes its round's epsilon. fedlr runs as
-`fedlr simulate` with an empty epsilon cache, twice: client by client (`--engine per-client`,
-as the peer trains) and with its batched engine. Both are `flwr.simulation.run_simulation` with one
+`fedlr simulate` with an empty epsilon cache, three times: client by client (`--engine
+per-client`, as the peer trains) in fp32, the peer's arithmetic; client by client at its default
+precision (bf16 autocast where the CPU computes bf16 natively, see fedlr.precision); and with its
+batched engine at its default precision. Both are `flwr.simulation.run_simulation` with one
 supernode per client and one CPU per client, each timed from outside as a fresh process.
 
 Reports per side and DP mode the wall time and the seconds per client-round (the whole job over
@@ -34,23 +36,29 @@ from pathlib import Path
 
 import peer_app as peer
 import psutil
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedlr.precision import native_bf16
 from fedlr.run_metrics import METRICS_FILE, read_metrics
 
 RESULTS = Path(__file__).parent / "results"
-# fedlr trains client by client (as the peer does), then with its batched engine
-SIDES = {"peer": None, "fedlr": "per-client", "fedlr_batched": "batched"}
+# side: (engine, precision); fedlr client by client (as the peer trains) in the peer's fp32,
+# then at its default precision, then with its batched engine
+SIDES = {"peer": None, "fedlr_fp32": ("per-client", "fp32"), "fedlr": ("per-client", "auto"),
+         "fedlr_batched": ("batched", "auto")}
 SERVER_TIMES = ("exchange_seconds", "aggregate_seconds", "eval_seconds", "accountant_seconds",
                 "checkpoint_seconds")
 CLIENT_TIMES = ("client_seconds", "client_setup_seconds", "client_step_seconds",
                 "client_accountant_seconds")
 
 
-def fedlr_settings(clients: int, rounds: int, dp: bool, engine: str = "per-client") -> dict:
+def fedlr_settings(clients: int, rounds: int, dp: bool, engine: str = "per-client",
+                   precision: str = "auto") -> dict:
     """The peer's job as `fedlr.settings.schema.SimulationConfig` fields."""
-    settings = {"engine": engine, "model": peer.MODEL, "strategy": "fedit", "ranks": [peer.RANK],
+    settings = {"engine": engine, "precision": precision, "model": peer.MODEL,
+                "strategy": "fedit", "ranks": [peer.RANK],
                 "alpha": float(peer.ALPHA), "targets": peer.TARGETS, "head": "train",
                 "num_clients": clients, "rounds": rounds, "local_steps": peer.LOCAL_STEPS,
                 "batch_size": peer.BATCH_SIZE, "lr": peer.LR, "optimizer": "adamw",
@@ -78,12 +86,13 @@ def breakdown(totals: dict[str, float], wall: float, client_rounds: int) -> dict
 
 
 def run_fedlr(clients: int, rounds: int, dp: bool, env: dict[str, str], folder: Path,
-              engine: str) -> dict:
-    name = f"fedlr-{engine}-{'dp' if dp else 'no-dp'}"
+              engine: str, precision: str) -> dict:
+    name = f"fedlr-{engine}-{precision}-{'dp' if dp else 'no-dp'}"
     out = folder / name
     config = folder / f"{name}.toml"  # JSON values are valid TOML
     config.write_text("".join(f"{k} = {json.dumps(v)}\n"
-                              for k, v in fedlr_settings(clients, rounds, dp, engine).items()))
+                              for k, v in fedlr_settings(clients, rounds, dp, engine,
+                                                         precision).items()))
     cache = folder / f"epsilon-cache-{name}"  # empty: no earlier run's values
     wall, _ = timed([sys.executable, "-m", "fedlr.cli", "simulate", "--config", str(config),
                      "--out", str(out)], {**env, "FEDLR_CACHE_DIR": str(cache)})
@@ -128,8 +137,8 @@ def table(runs: dict) -> Table:
                 cells.append("-" if part is None else f"{part['seconds_per_client_round']:.2f} "
                              f"({100 * part['fraction_of_wall']:.0f}%)")
         out.add_row(row, *cells)
-    out.add_row("ratio peer/side", *(x for run in runs.values() for x in (
-        "", f"{run['ratio_peer_to_fedlr']:.2f}", f"{run['ratio_peer_to_fedlr_batched']:.2f}")))
+    out.add_row("ratio peer/side", *("" if side == "peer" else f"{run[f'ratio_peer_to_{side}']:.2f}"
+                                     for run in runs.values() for side in SIDES))
     return out
 
 
@@ -142,11 +151,12 @@ def chart(runs: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     modes = list(runs)
+    bar = 0.8 / len(SIDES)
     for i, side in enumerate(SIDES):
-        left.bar([m + i * 0.27 for m in range(len(modes))],
-                 [runs[mode][side]["seconds_per_client_round"] for mode in modes], 0.27,
+        left.bar([m + i * bar for m in range(len(modes))],
+                 [runs[mode][side]["seconds_per_client_round"] for mode in modes], bar,
                  label=side)
-    left.set_xticks([m + 0.27 for m in range(len(modes))], modes)
+    left.set_xticks([m + 0.4 - bar / 2 for m in range(len(modes))], modes)
     left.set_ylabel("wall seconds per client-round")
     left.legend()
     parts = list(dict.fromkeys(k for run in runs.values() for k in run["fedlr"]["breakdown"]))
@@ -180,9 +190,9 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for with_dp in args.modes or [True, False]:
-            sides = {side: run_fedlr(args.clients, args.rounds, with_dp, env, Path(tmp), engine)
-                     if engine else run_peer(args.clients, args.rounds, with_dp, env)
-                     for side, engine in SIDES.items()}
+            sides = {side: run_fedlr(args.clients, args.rounds, with_dp, env, Path(tmp), *how)
+                     if how else run_peer(args.clients, args.rounds, with_dp, env)
+                     for side, how in SIDES.items()}
             for side in SIDES:
                 if side != "peer":
                     sides[f"ratio_peer_to_{side}"] = (sides["peer"]["wall_seconds"]
@@ -193,9 +203,11 @@ def main() -> None:
         "settings": {"clients": args.clients, "rounds": args.rounds,
                      "fedlr": {mode: fedlr_settings(args.clients, args.rounds, mode == "dp")
                                for mode in runs},
-                     "engines": {side: engine for side, engine in SIDES.items() if engine}},
+                     "sides": {side: {"engine": how[0], "precision": how[1]}
+                               for side, how in SIDES.items() if how}},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "memory_gb": psutil.virtual_memory().total / 2**30},
+                    "memory_gb": psutil.virtual_memory().total / 2**30,
+                    "native_bf16": native_bf16(torch.device("cpu"))},
         "runs": runs,
     }
     args.results.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ on the default model; 200 tiny clients within 1.5 GB.
 Writes benchmarks/results/simulation.json and simulation.png.
 
 Run: python benchmarks/simulation.py [--models tiny,minilm --rounds 3 --local-steps 5]
+     [--precision auto|bf16|fp32]
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import torch
 
+from fedlr.precision import native_bf16
 from fedlr.run_metrics import METRICS_FILE, read_metrics
 
 RESULTS = Path(__file__).parent / "results" / "simulation.json"
@@ -100,7 +103,7 @@ def role(proc: psutil.Process) -> str:
 def settings(model: str, args: argparse.Namespace, engine: str = "per-client",
              dp: bool = False) -> dict:
     job = {**MODELS[model], "rounds": args.rounds, "local_steps": args.local_steps, "seed": 0,
-           "engine": engine}
+           "engine": engine, "precision": args.precision}
     if dp:
         job.update(noise_multiplier=1.0, max_grad_norm=1.0)
     return job
@@ -176,7 +179,7 @@ def plain_loop_process(args: argparse.Namespace) -> dict:
     """The plain loop as a whole job in a fresh process (imports, loading, training), timed
     from outside like the simulation, its memory sampled the same way."""
     cmd = [sys.executable, __file__, "--plain-worker", "--rounds", str(args.rounds),
-           "--local-steps", str(args.local_steps)]
+           "--local-steps", str(args.local_steps), "--precision", args.precision]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     meter = TreeRSS(proc.pid)
@@ -255,6 +258,8 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,minilm")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--precision", default="auto",
+                        help="fedlr's precision setting, for every run")
     parser.add_argument("--repeats", default="tiny=2,minilm=1",
                         help="runs of each engine per model, interleaved; the best one counts")
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
@@ -277,7 +282,8 @@ def main() -> None:
         "benchmark": "simulation",
         "settings": {m: settings(m, args) for m in results},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "memory_gb": psutil.virtual_memory().total / 2**30},
+                    "memory_gb": psutil.virtual_memory().total / 2**30,
+                    "native_bf16": native_bf16(torch.device("cpu"))},
         "results": results,
         "import_uss_mb_cumulative": import_costs(),
         "targets": {m: TARGETS[m] for m in results},

@@ -31,6 +31,17 @@ class DPPlan:
 
 
 
+def samples_in_own_dtype(param: Tensor) -> None:
+    """Per-sample gradients computed under autocast (Opacus's hooks keep the products' bf16) in
+    the parameter's own dtype, so that the norms DP-SGD clips by and the sums it adds are taken
+    on the same fp32 values: clipping stays exact whatever precision computed them."""
+    samples = getattr(param, "grad_sample", None)
+    if isinstance(samples, list):
+        param.grad_sample = [g.to(param.dtype) for g in samples]
+    elif samples is not None:
+        param.grad_sample = samples.to(param.dtype)
+
+
 class StepEngine:
     """Non-private training: mean loss, ordinary backward and step."""
 
@@ -135,6 +146,8 @@ class OpacusEngine(StepEngine):
                 p.grad_sample = p.new_zeros((0, *p.shape))
 
     def step(self, canary_draws: Iterable[int] = ()) -> None:
+        for p in self.optimizer.params:
+            samples_in_own_dtype(p)
         if self.canaries is None:
             self.optimizer.step()
             return

@@ -30,6 +30,7 @@ from fedlr.client.step_engines import DPPlan, OpacusEngine, StepEngine
 from fedlr.data.batches import Encoded, per_example_loss
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.models.hosts import LoraHost
+from fedlr.precision import autocast_dtype
 from fedlr.privacy.node import NodeLimits
 from fedlr.privacy.sample_level import PrivacyLedger, noise_for_target, private_generator
 from fedlr.settings.specs import DPConfig, TrainConfig
@@ -369,17 +370,15 @@ class LocalTrainer:
         return TrainResult(adapter, n, metrics)
 
     def autocast(self, plan: DPPlan | None) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on CUDA for non-private training only: per-sample gradients and their
-        norms stay in fp32 so that clipping is exact."""
+        """bf16 autocast as `precision` says (fedlr.precision). Under DP only where per-sample
+        gradients are instantiated (hooks, fused): they are taken in fp32 before clipping
+        (`OpacusEngine.step`, fedlr.kernels), so clipping stays exact; ghost clipping's norms
+        come from the products themselves, so it runs in fp32."""
         device = self.host.device
-        if (
-            plan is None
-            and self.config.mixed_precision
-            and device.type == "cuda"
-            and torch.cuda.is_bf16_supported()
-        ):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        dtype = autocast_dtype(self.config.precision, device, self.host.dtype, self.host.width)
+        if dtype is None or (plan is not None and plan.mode == "ghost"):
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
 
     @contextlib.contextmanager
     def _dp_engine(

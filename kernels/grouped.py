@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedlr.kernels.lora import _attach_grad_sample
+from fedlr.kernels.lora import _attach_grad_sample, compute_dtype
 
 
 def _counts(owner: Tensor, clients: int) -> list[int]:
@@ -59,17 +59,21 @@ def _hand_out(per_example: Tensor, counts: list[int], tensors: Sequence[Tensor],
                 cut = rows[(slice(None), *(slice(0, n) for n in t.shape))]
                 _attach_grad_sample(t, cut.to(t.dtype).contiguous())
         return [None] * len(tensors)
-    sums = per_example.new_zeros((len(tensors), *per_example.shape[1:]))
-    sums.index_add_(0, owner, per_example)
+    # summed in the tensors' own dtype: many examples' low-precision grads lose less so
+    sums = per_example.new_zeros((len(tensors), *per_example.shape[1:]), dtype=tensors[0].dtype)
+    sums.index_add_(0, owner, per_example.to(sums.dtype))
     return [sums[(c, *(slice(0, n) for n in t.shape))].to(t.dtype) if t.requires_grad else None
             for c, t in enumerate(tensors)]
 
 
 class _GroupedLoRA(torch.autograd.Function):
+    """Under autocast (any device) the products run in its dtype, the gradients come back in
+    the clients' tensors' own dtype (`_hand_out`)."""
+
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx: Any, x: Tensor, owner: Tensor, scales: tuple[float, ...], per_sample: bool,
                 *factors: Tensor) -> Tensor:
+        x = x.to(compute_dtype(x))
         clients = len(scales)
         A, B = factors[:clients], factors[clients:]
         rank = max(a.shape[0] for a in A)
@@ -79,13 +83,14 @@ class _GroupedLoRA(torch.autograd.Function):
         ctx.save_for_backward(x, owner, A_stack, B_stack)
         ctx.meta = (scales, per_sample, _counts(owner, clients), A, B)
         x3 = x.reshape(x.shape[0], -1, d_in)
-        h = torch.bmm(x3, A_stack[owner].mT)
-        return torch.bmm(h, B_stack[owner].mT).view(*x.shape[:-1], d_out)
+        with torch.autocast(x.device.type, enabled=False):
+            h = torch.bmm(x3, A_stack[owner].mT)
+            return torch.bmm(h, B_stack[owner].mT).view(*x.shape[:-1], d_out)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, owner, A_stack, B_stack = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         scales, per_sample, counts, A, B = ctx.meta
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         g3 = grad.reshape(grad.shape[0], -1, grad.shape[-1])
@@ -97,31 +102,34 @@ class _GroupedLoRA(torch.autograd.Function):
         if any(a.requires_grad for a in A):
             grads_A = _hand_out(torch.bmm(u.mT, x3), counts, A, owner, per_sample)
         if any(b.requires_grad for b in B):
-            s = x.new_tensor(scales)[owner].view(-1, 1, 1)
+            s = x.new_tensor(scales, dtype=B[0].dtype)[owner].view(-1, 1, 1)  # scale unrounded
             dB = torch.bmm(g3.mT, torch.bmm(x3, A_pe.mT)) * s
             grads_B = _hand_out(dB, counts, B, owner, per_sample)
         return (grad_x, None, None, None, *grads_A, *grads_B)
 
 
 class _GroupedLinear(torch.autograd.Function):
+    """Autocast as in `_GroupedLoRA`."""
+
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx: Any, x: Tensor, owner: Tensor, clients: int, per_sample: bool,
                 *params: Tensor) -> Tensor:
+        x = x.to(compute_dtype(x))
         W, b = params[:clients], params[clients:]
         W_stack = torch.stack([w.detach() for w in W]).to(x.dtype)
         ctx.save_for_backward(x, owner, W_stack)
         ctx.meta = (per_sample, _counts(owner, clients), W, b)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        y = torch.bmm(x3, W_stack[owner].mT)
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.bmm(x3, W_stack[owner].mT)
         if b:
             y = y + torch.stack([t.detach() for t in b]).to(x.dtype)[owner].unsqueeze(1)
         return y.view(*x.shape[:-1], W_stack.shape[1])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, owner, W_stack = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         per_sample, counts, W, b = ctx.meta
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         g3 = grad.reshape(grad.shape[0], -1, grad.shape[-1])

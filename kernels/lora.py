@@ -17,6 +17,10 @@ plain-torch version defines the meaning of the fused kernels and is the CPU prod
   Their norms are taken from `grad_sample` when clipping (`per_sample_norms`), not kept beside
   them: a second copy would go stale when a caller edits `grad_sample` (client/canaries.py
   appends rows), and recomputing reads only batch * r * (d_in + d_out) values.
+- Under autocast (bf16 on CUDA or CPU) the products run in the autocast dtype and the adapter's
+  gradients come back in its own dtype; per-sample gradients too, so that DP-SGD's norms and
+  clipped sums are taken in fp32 on the very values it sums (exact clipping, whatever precision
+  computed them).
 """
 
 from __future__ import annotations
@@ -91,6 +95,17 @@ def store_per_sample(
     return sums[0], sums[1]
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a LoRA layer computes in: autocast's where it is on for x's device and x is a
+    float it lowers (fp32, or already that dtype), else x's own."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        lowered = torch.get_autocast_dtype(kind)
+        if x.dtype in (torch.float32, lowered):
+            return lowered
+    return x.dtype
+
+
 class _LoRALinear(torch.autograd.Function):
     """Forward/backward of `lora_linear`; see the module docstring for the design."""
 
@@ -99,24 +114,30 @@ class _LoRALinear(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
         scaling: float, per_sample: bool, loss_reduction: str,
     ) -> Tensor:
+        dtype = compute_dtype(x)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight, A, B)
         ctx.scaling, ctx.loss_reduction = scaling, loss_reduction
         # the tensors themselves, not saved copies: per-sample grads go on the parameters
         ctx.grad_sample_targets = (A, B) if per_sample else None
         x2 = x.reshape(-1, x.shape[-1])
         r, (d_out, d_in) = A.shape[0], weight.shape
-        B_s = B * scaling
-        if merge_is_cheaper(x2.shape[0] * r * (d_in + d_out), d_in, d_out, r, x.dtype):
-            y = nn.functional.linear(x2, _merged_weight(weight, A, B_s), bias)
-        else:
-            y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
-            y.addmm_(x2 @ A.T, B_s.T)
+        A_c, B_s = A.to(dtype), (B * scaling).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):  # operands are already in `dtype`
+            if merge_is_cheaper(x2.shape[0] * r * (d_in + d_out), d_in, d_out, r, dtype):
+                y = nn.functional.linear(x2, _merged_weight(weight, A_c, B_s), bias)
+            else:
+                y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+                y.addmm_(x2 @ A_c.T, B_s.T)
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, A, B = ctx.saved_tensors
+        x, weight, A_param, B_param = ctx.saved_tensors
         need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        A, B = A_param.to(x.dtype), B_param.to(x.dtype)
+        grad_out = grad_out.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         r, (d_out, d_in) = A.shape[0], weight.shape
@@ -135,12 +156,14 @@ class _LoRALinear(torch.autograd.Function):
             grad_x = (g2 @ weight).addmm_(u_s, A).view_as(x)
 
         if ctx.grad_sample_targets is not None:
-            grads = _per_sample_grads(x, grad_out, h_s, u_s if need_A else None)
+            dA, dB = _per_sample_grads(x, grad_out, h_s, u_s if need_A else None)
+            grads = (None if dA is None else dA.to(A_param.dtype),
+                     None if dB is None else dB.to(B_param.dtype))
             grad_A, grad_B = store_per_sample(ctx.grad_sample_targets, grads,
                                               ctx.loss_reduction)
         else:
-            grad_A = u_s.T @ x2 if need_A else None
-            grad_B = g2.T @ h_s if need_B else None
+            grad_A = (u_s.T @ x2).to(A_param.dtype) if need_A else None
+            grad_B = (g2.T @ h_s).to(B_param.dtype) if need_B else None
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
 

@@ -206,6 +206,15 @@ class LoraHost:
     def device(self) -> torch.device:
         return next(self._base.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._base.parameters()).dtype
+
+    @property
+    def width(self) -> int:
+        """The widest input of the LoRA-targeted layers (what decides whether bf16 pays)."""
+        return max(shape.d_in for shape in self.shapes.values())
+
     def base_config(self, labels: Sequence[str] = ()) -> Any:
         """A copy of the base's transformers config, naming the classes (id2label, label2id)."""
         config = copy.deepcopy(self._base.config)
@@ -258,7 +267,7 @@ class LoraHost:
         """A new LoRA with dW = 0 (A Kaiming-uniform from `seed`, B = 0), as FLoRA clients start
         every round."""
         gen = torch.Generator().manual_seed(seed)
-        dtype = next(self._base.parameters()).dtype
+        dtype = self.dtype
         out = {}
         for name, shape in sorted(self.shapes.items()):
             A = kaiming_uniform_a(rank, shape.d_in, gen, dtype)

@@ -104,6 +104,11 @@ class SimulationConfig:
     batch_size: int = setting(_TRAIN.batch_size, "Local (expected) batch size.", "training")
     lr: float = setting(_TRAIN.lr, "Local learning rate.", "training")
     optimizer: str = setting(_TRAIN.optimizer, "Local optimiser: adamw or sgd.", "training")
+    precision: str = setting(
+        _TRAIN.precision, "Compute precision of local training: bf16 (the frozen base's products "
+        "in bf16 autocast; the adapter, its optimizer state and DP-SGD's clipping stay fp32), "
+        "fp32, or auto (bf16 where the device computes it natively: CUDA with bf16, CPUs with "
+        "AVX512-BF16 or AMX; else fp32). Ghost clipping always runs in fp32.", "training")
     engine: str = setting(
         "auto", "How a simulation's workers train their clients: batched (a group of the "
         "round's clients per pass of the frozen base, each with its own adapter, optimizer, "
@@ -314,6 +319,7 @@ class SimulationConfig:
             lr=self.lr,
             optimizer=self.optimizer,
             max_length=self.max_length,
+            precision=self.precision,
             planned_rounds=self.rounds,
             dp=self.dp_config(),
         )

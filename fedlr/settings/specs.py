@@ -20,6 +20,7 @@ TASKS = ("classification", "causal-lm")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "fused")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _positive(name: str, value: float) -> None:
@@ -85,7 +86,7 @@ class TrainConfig:
     max_length: int = 64
     eval_batch_size: int = 64
     device: str = "auto"
-    mixed_precision: bool = True
+    precision: str = "auto"
     planned_rounds: int = 1
     dp: DPConfig | None = None
     per_sample_memory_budget: int = 2 << 30
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {DEVICES}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
 
 
 @dataclass(frozen=True)
