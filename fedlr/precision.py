@@ -28,8 +28,8 @@ def _cpu_probe(name: str) -> Callable[[], bool]:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # emulated (before Ampere) is slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return _cpu_probe("_is_avx512_bf16_supported")() or _cpu_probe("_is_amx_tile_supported")()
     return False

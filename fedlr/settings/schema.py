@@ -107,8 +107,9 @@ class SimulationConfig:
     precision: str = setting(
         _TRAIN.precision, "Compute precision of local training: bf16 (the frozen base's products "
         "in bf16 autocast; the adapter, its optimizer state and DP-SGD's clipping stay fp32), "
-        "fp32, or auto (bf16 where the device computes it natively: CUDA with bf16, CPUs with "
-        "AVX512-BF16 or AMX; else fp32). Ghost clipping always runs in fp32.", "training")
+        "fp32, or auto (bf16 where the device computes it natively, CUDA with bf16 or CPUs with "
+        "AVX512-BF16 or AMX, for models at least 256 wide; else fp32). Ghost clipping always "
+        "runs in fp32.", "training")
     engine: str = setting(
         "auto", "How a simulation's workers train their clients: batched (a group of the "
         "round's clients per pass of the frozen base, each with its own adapter, optimizer, "
