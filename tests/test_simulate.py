@@ -425,8 +425,10 @@ def test_ctrl_c_stops_the_run_within_seconds_and_resume_finishes_it(tmp_path):
     within 15 s with exit code 130, one line and no traceback, and no Flower or Ray process is
     left; --resume then continues."""
     out = tmp_path / "run"
+    # rounds of a second or more (60 steps), so that "a second into the next" is inside a round
+    # and some rounds are always left after it, however fast the machine
     args = ["simulate", "--model", "tiny", "--strategy", "fedit", "--num-clients", "3",
-            "--ranks", "2,4", "--rounds", "5", "--local-steps", "10", "--out", str(out)]
+            "--ranks", "2,4", "--rounds", "5", "--local-steps", "60", "--out", str(out)]
     # a point in this process's life: run.json written, or one more round checkpointed (then,
     # for "during a round", a second into the next)
     points = [("before round 1", None, 0.0), ("during a round", 1, 1.0), ("between rounds", 1, 0.0)]
@@ -463,7 +465,7 @@ def test_sigterm_during_a_round_stops_the_run_as_ctrl_c_does(tmp_path):
     out = tmp_path / "run"
     before = flower_and_ray_processes()
     proc = fedlr("simulate", "--model", "tiny", "--strategy", "fedit", "--num-clients", "3",
-                 "--ranks", "2,4", "--rounds", "5", "--local-steps", "10", "--out", str(out))
+                 "--ranks", "2,4", "--rounds", "5", "--local-steps", "60", "--out", str(out))
     wait_for(lambda: checkpointed_round(out) >= 1 or proc.poll() is not None)
     time.sleep(1.0)
     assert proc.poll() is None, "the run ended before the signal"
