@@ -18,7 +18,7 @@ from typing import Any
 from fedlr.atomic import write_json
 from fedlr.client.training import LocalTrainer
 from fedlr.comparison.results import LOCAL_RESULTS
-from fedlr.evaluation import evaluate
+from fedlr.evaluation import evaluate_as_trained
 from fedlr.federation import Federation
 from fedlr.peft_layout import load_into_peft_model
 from fedlr.privacy.sample_level import PrivacyLedger
@@ -50,7 +50,8 @@ def train_local_only(config: SimulationConfig, out: Path,
                                ledger=ledger, seed=config.client_seed(0, client))
         model = host.model(rank)
         load_into_peft_model(model, result.adapter, host.adapter_name(rank))
-        quality = evaluate(model, fed.data.heldout, config.task)
+        quality = evaluate_as_trained(host, model, fed.data.heldout, config.task,
+                                      config.precision)
         done[client] = {"rank": rank, "examples": len(fed.data.shard(int(client))),
                         "steps": train.local_steps, **quality,
                         "epsilon": None if ledger is None else result.metrics["epsilon"]}

@@ -30,7 +30,7 @@ from fedlr.client.step_engines import DPPlan, OpacusEngine, StepEngine
 from fedlr.data.batches import Encoded, per_example_loss
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.models.hosts import LoraHost
-from fedlr.precision import autocast_dtype
+from fedlr.precision import autocast
 from fedlr.privacy.node import NodeLimits
 from fedlr.privacy.sample_level import PrivacyLedger, noise_for_target, private_generator
 from fedlr.settings.specs import DPConfig, TrainConfig
@@ -374,11 +374,9 @@ class LocalTrainer:
         gradients are instantiated (hooks, fused): they are taken in fp32 before clipping
         (`OpacusEngine.step`, fedlr.kernels), so clipping stays exact; ghost clipping's norms
         come from the products themselves, so it runs in fp32."""
-        device = self.host.device
-        dtype = autocast_dtype(self.config.precision, device, self.host.dtype, self.host.width)
-        if dtype is None or (plan is not None and plan.mode == "ghost"):
+        if plan is not None and plan.mode == "ghost":
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+        return autocast(self.config.precision, self.host.device, self.host.dtype, self.host.width)
 
     @contextlib.contextmanager
     def _dp_engine(

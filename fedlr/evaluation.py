@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedlr.data.batches import Encoded, sequence_token_losses, token_counts
+from fedlr.precision import autocast
+
+if TYPE_CHECKING:
+    from fedlr.models.hosts import LoraHost
+
+
+def evaluate_as_trained(host: LoraHost, model: torch.nn.Module, data: Encoded, task: str,
+                        precision: str) -> dict[str, float]:
+    """`evaluate` one of `host`'s models in the run's `precision`, resolved on this machine as
+    training resolves it (fedlr.precision): the server's rounds and the local-only baseline
+    report what a model trained and used in that precision gives."""
+    with autocast(precision, host.device, host.dtype, host.width):
+        return evaluate(model, data, task)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from fedlr.adapters import Adapter, LoraFactors
 from fedlr.client_ids import client_order
 from fedlr.errors import RoundFailedError
-from fedlr.evaluation import evaluate
+from fedlr.evaluation import evaluate_as_trained
 from fedlr.federation import Federation
 from fedlr.grouping import Grouping
 from fedlr.lora.rounds import (
@@ -305,4 +305,6 @@ class Coordinator:
         return model
 
     def evaluate(self, state: GlobalState) -> dict[str, float]:
-        return evaluate(self.eval_model(state), self.fed.data.heldout, self.fed.config.task)
+        return evaluate_as_trained(self.fed.model.host, self.eval_model(state),
+                                   self.fed.data.heldout, self.fed.config.task,
+                                   self.fed.config.precision)

@@ -148,3 +148,43 @@ def test_simulate_help_shows_the_defaults():
     out = " ".join(fedlr("simulate", "--help").stdout.split())
     for default in ("(ffa)", "(8)", "(4,8,16)", "(hetlora)", "(stdlib-docs)"):
         assert default in out, default
+
+
+EXIT_PROBE = """
+import atexit, sys, threading, time
+from fedlr.cli import entry
+atexit.register(lambda: print("exit handler ran", flush=False))
+def late():
+    time.sleep(0.3)
+    print("thread finished", flush=False)
+threading.Thread(target=late).start()
+sys.argv = ["fedlr", *sys.argv[1:]]
+entry()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--version"], 0), (["simulate", "--rounds", "0"], 2),
+                                            (["no-such-command"], 2)])
+def test_the_command_exits_at_once_yet_as_a_normal_exit_would(args, code):
+    """`entry` leaves without tearing the interpreter down, but with the exit status `main`
+    gave, after other threads finished and the exit handlers ran, and with buffered output
+    (a pipe here) written out."""
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, *args], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-2:] == ["thread finished", "exit handler ran"], done.stdout
+    assert "not reached" not in done.stdout
+    if args == ["--version"]:
+        assert lines[0].startswith("fedlr ")
+    else:
+        assert done.stderr.strip(), "the error is reported"
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (3, 3), ("a message", 1)])
+def test_exit_status_is_what_sys_exit_would_exit_with(code, status, capsys):
+    from fedlr.cli import exit_status
+
+    assert exit_status(code) == status
+    assert capsys.readouterr().err == ("a message\n" if isinstance(code, str) else "")

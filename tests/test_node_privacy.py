@@ -109,8 +109,10 @@ def test_without_dp_the_same_job_reproduces_the_update_bit_for_bit(tmp_path):
 
 
 def test_dp_batches_are_poisson_with_the_planned_rate():
-    """200 steps of the trainer's own sampler, with OS entropy: mean within 3 standard errors of
-    q N, variance consistent with Binomial(N, q) (two-sided chi-square, 0.1 %)."""
+    """200 steps of the trainer's own sampler, with OS entropy (so not reproducible, and the
+    bounds are wide enough to fail by chance about once in 10^5 runs): mean within 4.5 standard
+    errors of q N, variance consistent with Binomial(N, q) (two-sided chi-square at 10^-6 each
+    side). A rate 10 % off moves the mean by 6 standard errors."""
     n, q, steps = 500, 0.04, 200
     plan = DPPlan(1.0, 1.0, q, steps, "fused")
     sampler = LocalTrainer.batches(replace_config(batch_size=20), n, plan,
@@ -119,9 +121,9 @@ def test_dp_batches_are_poisson_with_the_planned_rate():
     sizes = torch.tensor([len(b) for b in sampler], dtype=torch.float64)
     assert len(sizes) == steps
     mean, var = n * q, n * q * (1 - q)
-    assert abs(float(sizes.mean()) - mean) < 3 * math.sqrt(var / steps)
+    assert abs(float(sizes.mean()) - mean) < 4.5 * math.sqrt(var / steps)
     statistic = (steps - 1) * float(sizes.var()) / var
-    low, high = stats.chi2.ppf([0.0005, 0.9995], steps - 1)
+    low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], steps - 1)
     assert low < statistic < high
 
 

@@ -1,5 +1,6 @@
-"""bf16 autocast of local training: when it applies, that the LoRA kernels compute in it and hand
-back fp32 gradients, and that DP-SGD's clipping stays exact on the values it sums."""
+"""bf16 autocast of local training and evaluation: when it applies, that the LoRA kernels compute
+in it and hand back fp32 gradients, that DP-SGD's clipping stays exact on the values it sums, and
+that held-out evaluation follows the same setting."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fedlr import precision
 from fedlr.client.group_training import GroupJob, GroupTrainer
 from fedlr.client.step_engines import samples_in_own_dtype
 from fedlr.client.training import ClientOptions, LocalTrainer
+from fedlr.evaluation import evaluate, evaluate_as_trained
 from fedlr.kernels import FusedLoRALinear, lora_linear, per_sample_norms
 from fedlr.kernels.grouped import grouped_lora, reference_grouped_lora
 from fedlr.privacy.sample_level import PrivacyLedger
@@ -220,6 +222,20 @@ def test_a_bf16_group_follows_its_clients_trained_alone(host_and_data):
     for job, grouped in zip(jobs, together, strict=True):
         single = trainer.train(job.client_id, origin, data, **job.options)
         assert moved_apart(grouped.adapter, single.adapter, origin) < 0.1
+
+
+def test_evaluation_follows_the_precision_setting(host_and_data):
+    """fp32, and `auto` on a model too narrow for bf16, are plain evaluation bit for bit; bf16
+    evaluates in it, to nearly the same loss."""
+    host, data = host_and_data
+    model = randomize_adapter(host, 4, seed=5)
+    exact = evaluate(model, data, "classification")
+    assert evaluate_as_trained(host, model, data, "classification", "fp32") == exact
+    assert evaluate_as_trained(host, model, data, "classification", "auto") == exact  # 64 wide
+    low = evaluate_as_trained(host, model, data, "classification", "bf16")
+    assert low["loss"] != exact["loss"]  # bf16 really ran
+    assert low["loss"] == pytest.approx(exact["loss"], rel=0.02)
+    assert low["examples"] == exact["examples"]
 
 
 def test_training_config_refuses_an_unknown_precision():

@@ -1,5 +1,5 @@
 """`python -m fedlr.cli`."""
 
-from fedlr.cli import main
+from fedlr.cli import entry
 
-main()
+entry()

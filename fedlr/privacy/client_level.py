@@ -36,11 +36,9 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import torch
-from dp_accounting import pld, rdp
 from torch import Tensor
 
 from fedlr.adapters import Adapter, LoraFactors
@@ -49,6 +47,9 @@ from fedlr.lora.lowrank import LowRank
 from fedlr.lora.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
 from fedlr.lora.sums import SecureSum, SumSpec
 from fedlr.settings.specs import ClientDPConfig
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 PRIVACY_UNIT = "one client's whole contribution: all its examples in all rounds"
 
@@ -309,6 +310,9 @@ def _round_event(
     sampled-without-replacement RDP is alpha / (2 sigma^2) at q = 1, the plain Gaussian's. So the
     multiplier it needs is z S / (2 S) = z / 2.
     """
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
     z = config.noise_multiplier
     if config.sampling == "fixed":
         event = dp_accounting.SampledWithoutReplacementDpEvent(
@@ -327,6 +331,8 @@ def client_level_epsilon(
 ) -> float:
     """Epsilon at `config.delta` of `rounds` DP-FedAvg rounds; `per_round` is the expected
     (Poisson) or exact (fixed-size) number of clients sampled from `num_clients` each round."""
+    import dp_accounting
+
     _check_population(num_clients, per_round, rounds)
     if rounds == 0:
         return 0.0
@@ -341,6 +347,9 @@ def published_sample_epsilon(config: ClientDPConfig, rounds_joined: int) -> floa
     """A client's epsilon when the run publishes who took part: nothing is amplified by sampling,
     so it is the Gaussian mechanism (sensitivity S, or 2S under replace-one adjacency for
     fixed-size sampling) composed over the `rounds_joined` rounds its update was in."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
     if rounds_joined < 0:
         raise ConfigError(f"the number of rounds must be >= 0, got {rounds_joined}")
     if rounds_joined == 0:

@@ -105,8 +105,9 @@ class SimulationConfig:
     lr: float = setting(_TRAIN.lr, "Local learning rate.", "training")
     optimizer: str = setting(_TRAIN.optimizer, "Local optimiser: adamw or sgd.", "training")
     precision: str = setting(
-        _TRAIN.precision, "Compute precision of local training: bf16 (the frozen base's products "
-        "in bf16 autocast; the adapter, its optimizer state and DP-SGD's clipping stay fp32), "
+        _TRAIN.precision, "Compute precision of local training and of held-out evaluation: bf16 "
+        "(the frozen base's products in bf16 autocast; the adapter, its optimizer state and "
+        "DP-SGD's clipping stay fp32), "
         "fp32, or auto (bf16 where the device computes it natively, CUDA with bf16 or CPUs with "
         "AVX512-BF16 or AMX, for models at least 256 wide; else fp32). Ghost clipping always "
         "runs in fp32.", "training")
