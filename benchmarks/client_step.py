@@ -32,7 +32,8 @@ MODES = ("non-private", "dp-hooks", "dp-ghost", "dp-fused")
 
 def worker(mode: str, device: str, args: argparse.Namespace) -> dict:
     """Run in a fresh process: load, warm up, time N steps, report peaks."""
-    from fedlr.client.training import LocalTrainer, ShuffledBatches
+    from fedlr.client.samplers import ShuffledBatches
+    from fedlr.client.training import LocalTrainer
     from fedlr.data.batches import encode
     from fedlr.data.sources import load_data
     from fedlr.lora.strategies import FederationSpec, make_strategy

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fedlr.adapters import Adapter
 from fedlr.client.training import ClientOptions, ClientRound, LocalTrainer, TrainResult
-from fedlr.data.batches import collate, per_example_loss
+from fedlr.data.batches import collate, padded_passes, per_example_loss
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.grouping import CPU_CHUNK_TOKENS, CUDA_CHUNK_TOKENS
 from fedlr.kernels import clip_and_noise
@@ -144,20 +144,6 @@ class GroupLayers:
         return forward
 
 
-def length_buckets(examples: list[tuple[int, Any]], tokens: int) -> list[list[tuple[int, Any]]]:
-    """The examples sorted by length and cut into micro-batches of at most `tokens` padded
-    tokens (at least one example each)."""
-    ordered = sorted(examples, key=lambda example: len(example[1][0]))
-    chunks: list[list[tuple[int, Any]]] = []
-    for example in ordered:
-        width = len(example[1][0])
-        if chunks and (len(chunks[-1]) + 1) * width <= tokens:
-            chunks[-1].append(example)
-        else:
-            chunks.append([example])
-    return chunks
-
-
 class GroupTrainer:
     """Trains the clients of a group together on a `LocalTrainer`'s host; each client's result
     is what `LocalTrainer.train` gives it alone (or the error it would raise). `chunk_tokens`:
@@ -256,8 +242,9 @@ class GroupTrainer:
         `chunk_tokens`), each sorted by member, their gradients accumulated."""
         trainer, device = self.trainer, self.trainer.host.device
         examples = [(c, m.run.data[i]) for c, m in enumerate(active) for i in m.indices]
-        for chunk in length_buckets(examples, self.chunk_tokens):
-            chunk.sort(key=lambda example: example[0])
+        for positions in padded_passes([len(ids) for _, (ids, _) in examples],
+                                       self.chunk_tokens):
+            chunk = sorted((examples[k] for k in positions), key=lambda example: example[0])
             # only the members with examples in this pass: the others would get zero gradients
             present = sorted({c for c, _ in chunk})
             local = {c: i for i, c in enumerate(present)}

@@ -31,13 +31,15 @@ class DPPlan:
 
 
 
-def samples_in_own_dtype(param: Tensor) -> None:
-    """Per-sample gradients computed under autocast (Opacus's hooks keep the products' bf16) in
-    the parameter's own dtype, so that the norms DP-SGD clips by and the sums it adds are taken
-    on the same fp32 values: clipping stays exact whatever precision computed them."""
+def one_batch_in_own_dtype(param: Tensor) -> None:
+    """A step's per-sample gradients as one batch in the parameter's own dtype. One batch: the
+    passes of a step each leave their own (a list), which Opacus would take for accumulated
+    batches and divide by their count. Own dtype: computed under autocast (Opacus's hooks keep
+    the products' bf16), so that the norms DP-SGD clips by and the sums it adds are taken on the
+    same fp32 values, and clipping stays exact whatever precision computed them."""
     samples = getattr(param, "grad_sample", None)
     if isinstance(samples, list):
-        param.grad_sample = [g.to(param.dtype) for g in samples]
+        param.grad_sample = torch.cat([g.to(param.dtype) for g in samples])
     elif samples is not None:
         param.grad_sample = samples.to(param.dtype)
 
@@ -51,8 +53,10 @@ class StepEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, per_example: Tensor) -> None:
-        per_example.mean().backward()
+    def backward(self, per_example: Tensor, batch: int | None = None) -> None:
+        """One pass's examples of a step's `batch` examples (by default all of them): their share
+        of the batch's mean loss."""
+        (per_example.sum() / (batch or len(per_example))).backward()
 
     def step(self, canary_draws: Iterable[int] = ()) -> None:
         self.optimizer.step()
@@ -128,7 +132,10 @@ class OpacusEngine(StepEngine):
             optimizer = DPOptimizer(optimizer, **common)
         super().__init__(optimizer)
 
-    def backward(self, per_example: Tensor) -> None:
+    def backward(self, per_example: Tensor, batch: int | None = None) -> None:
+        """Each example's own gradient, from one pass: its mean loss, which Opacus and the fused
+        layers scale back by the pass's size ("mean"); the step clips and sums them over the
+        whole batch. Ghost clipping runs a step in one pass."""
         if self.plan.mode == "ghost":
             from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
@@ -147,7 +154,7 @@ class OpacusEngine(StepEngine):
 
     def step(self, canary_draws: Iterable[int] = ()) -> None:
         for p in self.optimizer.params:
-            samples_in_own_dtype(p)
+            one_batch_in_own_dtype(p)
         if self.canaries is None:
             self.optimizer.step()
             return

@@ -208,3 +208,23 @@ def test_the_stdlib_docs_cache_returns_exactly_what_a_fresh_build_gives(tmp_path
     assert stdlib_docs.build(40, root) == first == stdlib_docs._build(40, root)
     stdlib_docs.cache_path(40, root).write_text("{not json")  # a torn or stale cache is rebuilt
     assert stdlib_docs.build(40, root) == first
+
+
+def test_padded_passes_keep_every_example_once_and_bound_the_padding():
+    from fedlr.data.batches import padded_passes
+
+    lengths = [5, 30, 7, 30, 12, 3, 64, 9]
+    passes = padded_passes(lengths, tokens=64)
+    assert sorted(k for part in passes for k in part) == list(range(len(lengths)))
+    widths = [max(lengths[k] for k in part) for part in passes]
+    for part, width in zip(passes, widths, strict=True):
+        assert len(part) == 1 or len(part) * width <= 64
+    assert widths == sorted(widths)
+    assert sum(len(part) * w for part, w in zip(passes, widths, strict=True)) < 8 * 64
+
+
+def test_an_encoded_sets_passes_are_of_its_own_indices():
+    ids = [torch.ones(n, dtype=torch.long) for n in (9, 2, 7, 2)]
+    data = Encoded(ids, torch.zeros(4, dtype=torch.long), pad_id=0)
+    # lengths 2, 9, 7: the 2 and the 7 share a pass (2 x 7 <= 16 tokens), the 9 goes alone
+    assert data.passes([3, 0, 2], tokens=16) == [[3, 2], [0]]

@@ -8,8 +8,9 @@ import pytest
 import torch
 from training_setup import current_adapter, randomize_adapter, tiny_host
 
+from fedlr.client.samplers import ShuffledBatches
 from fedlr.client.step_engines import DPPlan, OpacusEngine
-from fedlr.client.training import LocalTrainer, ShuffledBatches, TrainingError
+from fedlr.client.training import LocalTrainer, TrainingError
 from fedlr.data.batches import per_example_loss
 from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.settings.specs import DPConfig, TrainConfig

@@ -21,10 +21,9 @@ from fedlr.kernels.grouped import (
     reference_grouped_linear,
     reference_grouped_lora,
 )
-from fedlr.models.hosts import LoraHost
 from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.settings.specs import DPConfig, TrainConfig
-from tests.training_setup import current_adapter, randomize_adapter, tiny_host
+from tests.training_setup import current_adapter, f64_bert_host, randomize_adapter, tiny_host
 
 F64 = torch.float64
 
@@ -100,19 +99,7 @@ def subset(data: Encoded, rows: list[int]) -> Encoded:
 
 @pytest.fixture(scope="module")
 def f64_host():
-    """A small BERT in float64 without dropout: every op stays float64 (the tiny LLaMA computes
-    its RMSNorm in float32, which would round the two paths' last bits apart), and its head
-    takes the pooled output, as MiniLM's does."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    _, data = tiny_host()
-    config = BertConfig(vocab_size=int(max(int(ids.max()) for ids in data.ids)) + 1,
-                        hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=data.pad_id)
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(config).to(F64).eval().requires_grad_(False)
-    return LoraHost(base, "classification", ("query", "value")), data
+    return f64_bert_host()
 
 
 def start_adapters(host, ranks):
@@ -340,16 +327,3 @@ def test_a_deployed_node_refuses_to_train_a_group(monkeypatch):
     for client in ("0", "1"):
         assert replies[client].fields["kind"] == "refusal"
         assert "simulation only" in str(replies[client].fields["reason"])
-
-
-def test_length_buckets_keep_every_example_and_bound_the_padding():
-    from fedlr.client.group_training import length_buckets
-
-    lengths = [5, 30, 7, 30, 12, 3, 64, 9]
-    examples = [(i % 3, (torch.zeros(n), 0)) for i, n in enumerate(lengths)]
-    chunks = length_buckets(examples, tokens=64)
-    assert sorted(len(item[0]) for chunk in chunks for _, item in chunk) == sorted(lengths)
-    for chunk in chunks:
-        assert len(chunk) == 1 or len(chunk) * max(len(item[0]) for _, item in chunk) <= 64
-    widths = [max(len(item[0]) for _, item in chunk) for chunk in chunks]
-    assert widths == sorted(widths)

@@ -18,8 +18,9 @@ from scipy import stats
 
 from fedlr.adapters import Adapter
 from fedlr.client.app import run_job
+from fedlr.client.samplers import PoissonBatches
 from fedlr.client.step_engines import DPPlan
-from fedlr.client.training import LocalTrainer, PoissonBatches
+from fedlr.client.training import LocalTrainer
 from fedlr.errors import ConfigError
 from fedlr.federation import Federation
 from fedlr.privacy.node import NodeLimitError, NodeLimits, NodeState

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedlr import precision
 from fedlr.client.group_training import GroupJob, GroupTrainer
-from fedlr.client.step_engines import samples_in_own_dtype
+from fedlr.client.step_engines import one_batch_in_own_dtype
 from fedlr.client.training import ClientOptions, LocalTrainer
 from fedlr.evaluation import evaluate, evaluate_as_trained
 from fedlr.kernels import FusedLoRALinear, lora_linear, per_sample_norms
@@ -116,7 +116,7 @@ def test_dp_clipping_under_autocast_is_exact_on_the_values_it_sums():
     nn.functional.cross_entropy(logits.float(), labels).backward()
     assert model.head.weight.grad_sample.dtype == BF16  # what the cast is for
     for p in params:
-        samples_in_own_dtype(p)
+        one_batch_in_own_dtype(p)
     samples = [p.grad_sample for p in params]
     assert {s.dtype for s in samples} == {torch.float32}
     norms = per_sample_norms([s.double() for s in samples])

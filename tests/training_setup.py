@@ -54,3 +54,19 @@ def randomize_adapter(host: LoraHost, rank: int, seed: int = 0):
 
 def current_adapter(host: LoraHost, rank: int):
     return from_peft_model(host.model(rank), host.adapter_name(rank))
+
+
+def f64_bert_host() -> tuple[LoraHost, Encoded]:
+    """A small BERT in float64 without dropout, on the tiny preset's examples: every op stays
+    float64 (the tiny LLaMA computes its RMSNorm in float32, which would round two paths' last
+    bits apart), and its head takes the pooled output, as MiniLM's does."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _, data = tiny_host()
+    config = BertConfig(vocab_size=int(max(int(ids.max()) for ids in data.ids)) + 1,
+                        hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=data.pad_id)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config).to(torch.float64).eval().requires_grad_(False)
+    return LoraHost(base, "classification", ("query", "value")), data

@@ -45,6 +45,24 @@ class Encoded(torch.utils.data.Dataset):
     def batch(self, indices: Sequence[int]) -> Batch:
         return collate([self[i] for i in indices], self.pad_id)
 
+    def passes(self, indices: Sequence[int], tokens: int) -> list[list[int]]:
+        """`indices` cut into passes of similar length (`padded_passes`)."""
+        positions = padded_passes([len(self.ids[i]) for i in indices], tokens)
+        return [[indices[k] for k in part] for part in positions]
+
+
+def padded_passes(lengths: Sequence[int], tokens: int) -> list[list[int]]:
+    """Positions into `lengths`, sorted by length (stably) and cut into passes of at most
+    `tokens` padded tokens, each padded to its longest (at least one sequence a pass): a batch
+    run as these passes computes the same per-example losses on less padding."""
+    passes: list[list[int]] = []
+    for position in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if passes and (len(passes[-1]) + 1) * lengths[position] <= tokens:
+            passes[-1].append(position)
+        else:
+            passes.append([position])
+    return passes
+
 
 def encode(dataset: Any, tokenizer: Any, max_length: int) -> Encoded:
     """Tokenise a `datasets.Dataset` with a `text` column (and `label`, if classification)."""
