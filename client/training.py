@@ -275,7 +275,7 @@ class LocalTrainer:
 
     def pass_tokens(self, plan: DPPlan | None) -> int:
         """Padded tokens per pass of the base: a CPU step runs its batch as passes of similar
-        length (MiniLM on stdlib-docs: 1.85 padded tokens per real one in one pass of 16, 1.15 in
+        length (MiniLM on stdlib-docs: 1.85 padded tokens per real one in one pass of 16, 1.32 in
         passes of CPU_PASS_TOKENS); a GPU step and ghost clipping (which takes its norms from one
         backward) run it in one."""
         if self.host.device.type != "cpu" or (plan is not None and plan.mode == "ghost"):

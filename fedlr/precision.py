@@ -2,7 +2,7 @@
 or fp32.
 
 bf16 pays only where the hardware computes it natively: CUDA devices with bf16, and CPUs with
-AVX512-BF16 or AMX (MiniLM's training steps 2.1-2.2x faster on an AVX512-BF16 CPU, peer.json).
+AVX512-BF16 or AMX (MiniLM's training steps about 2x faster on an AVX512-BF16 CPU, peer.json).
 Elsewhere bf16 is emulated and slower, so `auto` keeps fp32 there, and for models too narrow for
 it to pay (`AUTO_MIN_WIDTH`). Only the products run in bf16: the adapter, its gradients, the
 optimizer state and DP-SGD's clipping stay in fp32. Evaluation follows the same setting on the
@@ -22,7 +22,7 @@ from fedlr.settings.specs import PRECISIONS
 
 # Below this width a step is many small ops, and casting to bf16 costs more than it saves: the
 # tiny preset (64 wide) trained 1.7-2.1x slower in bf16 (one-off) on the CPU where MiniLM (384)
-# trains 2.1-2.2x faster.
+# trains about 2x faster.
 AUTO_MIN_WIDTH = 256
 
 
