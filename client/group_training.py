@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fedlr.adapters import Adapter
+from fedlr.client.step_engines import one_batch_in_own_dtype
 from fedlr.client.training import ClientOptions, ClientRound, LocalTrainer, TrainResult
 from fedlr.data.batches import collate, padded_passes, per_example_loss
 from fedlr.errors import ConfigError, FedlrError
@@ -263,11 +264,9 @@ class GroupTrainer:
         for m in active if private else ():
             plan = m.run.plan
             assert plan is not None
-            for t in m.run.params:  # one batch, whatever the micro-batches were
-                samples = getattr(t, "grad_sample", None)
-                if samples is None:  # no example in the whole group: noise alone
+            for t in m.run.params:
+                if getattr(t, "grad_sample", None) is None:  # no example in the group: noise
                     t.grad_sample = t.new_zeros((0, *t.shape))
-                elif isinstance(samples, list):
-                    t.grad_sample = torch.cat(samples)
+                one_batch_in_own_dtype(t)  # one batch, whatever the micro-batches were
             clip_and_noise(m.run.params, plan.max_grad_norm, plan.noise_multiplier,
                            plan.sample_rate * m.run.sampler.n, m.run.noise_gen)
