@@ -257,10 +257,11 @@ class LocalTrainer:
         with self.dropout_rng(run.seed if plan is None else None), \
                 self._dp_engine(model, optimizer, plan, run.noise_gen,
                                 run.sampler.n, canaries) as engine:
+            tokens = self.pass_tokens(plan)
             for indices in run.sampler:
                 real = [i for i in indices if i < n]
                 engine.zero_grad()
-                for part in data.passes(real, self.pass_tokens(plan)):
+                for part in data.passes(real, tokens):
                     batch = data.batch(part).to(device)
                     with self.autocast(plan):
                         loss = per_example_loss(model, batch, self.host.task)

@@ -20,8 +20,9 @@ from fedlr.settings.schema import SimulationConfig
 
 # What the ClientApp's processes need from this process's environment. Ray workers get it through
 # the job's runtime_env: on a cluster they are started by each machine's own Ray, not from here.
-WORKER_ENV = (SIMULATED_NODES_ENV, "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
-              "TRANSFORMERS_OFFLINE", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+# The simulated nodes' folder is not among them: `worker_environment` always sets it for the run.
+WORKER_ENV = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
 
 
 def gpu_share() -> float:
