@@ -28,7 +28,7 @@ from fedlr.models.hosts import resolve_device
 from fedlr.privacy.node import SIMULATED_NODES_ENV, NodeLimits, NodeState
 from fedlr.privacy.secagg.client import respond
 from fedlr.privacy.secagg.encoding import Encoding, encode
-from fedlr.session import data_session, local_shard, model_session
+from fedlr.session import client_shards, local_shard, model_session
 from fedlr.wire import (
     GROUP_FIELD,
     Job,
@@ -57,16 +57,16 @@ def node_privacy(node_config: dict[str, Any]) -> tuple[NodeState, NodeLimits]:
 
 def run_job(job: Job, downlink: Adapter, local_data: str | None = None,
             state: NodeState | None = None, limits: NodeLimits | None = None) -> TrainReply:
-    """Train as the job says, on this node's own file if it has one (else on its partition of
-    the run's dataset), within the node's limits: the trained adapter, the example count and
-    metrics, and the node's ledger, persisted before the reply leaves."""
+    """Train as the job says, on this node's own file if it has one (else on its shard of the
+    run's data, `client_shards`), within the node's limits: the trained adapter, the example
+    count and metrics, and the node's ledger, persisted before the reply leaves."""
     model = job.model_spec()
     session = model_session(model, job.alpha, job.train["device"])
     spec = job.data_spec()
     if local_data:
         examples = local_shard(local_data, spec.task, tuple(job.labels), model, spec.max_length)
     else:
-        examples = data_session(spec, model).shard(int(job.client_id))
+        examples = client_shards(spec, model).shard(int(job.client_id))
     config = job.train_config()
     ledger = None
     state = state or NodeState(None)
@@ -97,7 +97,7 @@ def run_group(downs: dict[str, TrainJob], nodes: Path, engine: str, chunk_tokens
     first = next(iter(downs.values())).job
     model = first.model_spec()
     session = model_session(model, first.alpha, first.train["device"])
-    data = data_session(first.data_spec(), model)
+    data = client_shards(first.data_spec(), model)
     config = first.train_config()
     out: dict[str, TrainReply | Refusal] = {}
     members: list[tuple[GroupJob, NodeState]] = []
@@ -110,12 +110,13 @@ def run_group(downs: dict[str, TrainJob], nodes: Path, engine: str, chunk_tokens
                                  "configuration")
             ledger = (state.ledger(job.ledger, config.dp.accountant, client)
                       if config.dp is not None else None)
+            examples = data.shard(int(client))
         except FedlrError as exc:
             out[client] = Refusal(client, str(exc))
             continue
         options = ClientOptions(rank=job.rank, train_a=job.train_a, train_head=job.train_head,
                                 ledger=ledger, seed=job.seed)
-        members.append((GroupJob(client, down.downlink, data.shard(int(client)), options), state))
+        members.append((GroupJob(client, down.downlink, examples, options), state))
     trainer = LocalTrainer(session.host, config)
     try:
         results = GroupTrainer(trainer, chunk_tokens or None).train([job for job, _ in members])

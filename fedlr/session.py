@@ -16,11 +16,14 @@ import functools
 import gc
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedlr.data.batches import Encoded, encode
+from fedlr.data.packed import SHARDS_ENV, PackedShards, write_shards
 from fedlr.data.sources import TextData, evaluation_subset, load_data, load_local, partition
 from fedlr.models.hosts import (
     LoraHost,
@@ -112,6 +115,33 @@ def data_session(spec: DataSpec, model: ModelSpec) -> DataSession:
                           spec.max_length, heldout)
     settle()
     return session
+
+
+def shards_key(spec: DataSpec, model: ModelSpec) -> str:
+    """What a packed shard file was written for: the data settings and the model whose tokenizer
+    encoded them."""
+    return hashlib.sha256(repr((spec, model.name)).encode()).hexdigest()
+
+
+def pack_shards(path: Path, data: DataSession, spec: DataSpec, model: ModelSpec) -> None:
+    """Every client's encoded shard into `path`, for the workers of a simulation to read."""
+    write_shards(path, [data.shard(c) for c in range(len(data.partitions))],
+                 shards_key(spec, model))
+
+
+@functools.lru_cache(maxsize=2)
+def packed_shards(path: str, key: str) -> PackedShards:
+    return PackedShards(Path(path), key)
+
+
+def client_shards(spec: DataSpec, model: ModelSpec) -> DataSession | PackedShards:
+    """Where a node without its own data file finds its shard: a simulated node in the file its
+    run packed (`SHARDS_ENV`, without loading the dataset), a deployed one in its partition of
+    the run's dataset, partitioned here as the server does."""
+    packed = os.environ.get(SHARDS_ENV)
+    if packed:
+        return packed_shards(packed, shards_key(spec, model))
+    return data_session(spec, model)
 
 
 def settle() -> None:

@@ -15,12 +15,12 @@ import threading
 from typing import Any
 
 from fedlr.errors import FedlrError
-from fedlr.privacy.node import SIMULATED_NODES_ENV
 from fedlr.settings.schema import SimulationConfig
 
 # What the ClientApp's processes need from this process's environment. Ray workers get it through
 # the job's runtime_env: on a cluster they are started by each machine's own Ray, not from here.
-# The simulated nodes' folder is not among them: `worker_environment` always sets it for the run.
+# The simulated nodes' folder and data file are not among them: `worker_environment` always sets
+# them for the run.
 WORKER_ENV = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
 
@@ -38,26 +38,26 @@ def worker_resources(config: SimulationConfig) -> dict[str, float]:
     return {"num_cpus": config.worker_cpus, "num_gpus": gpus}
 
 
-def worker_environment(config: SimulationConfig, nodes: str) -> dict[str, str]:
+def worker_environment(config: SimulationConfig, simulated: dict[str, str]) -> dict[str, str]:
     """What the workers get of this process's environment (WORKER_ENV), and by default as many
-    threads as the CPUs a worker reserves, and each simulated node's privacy ledger under
-    `nodes`, as a deployed node keeps its own (on a cluster: a folder every machine shares at
-    this path). This process's own environment is left as it is: its torch may not have sized
-    its thread pool yet."""
+    threads as the CPUs a worker reserves, and `simulated`: where the simulated nodes keep their
+    privacy ledgers and find their data, as a deployed node keeps its own (on a cluster: paths
+    every machine shares). This process's own environment is left as it is: its torch may not
+    have sized its thread pool yet."""
     env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.worker_cpus))))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    return {**env, SIMULATED_NODES_ENV: nodes}
+    return {**env, **simulated}
 
 
-def ray_init_args(config: SimulationConfig, nodes: str) -> dict[str, Any]:
+def ray_init_args(config: SimulationConfig, simulated: dict[str, str]) -> dict[str, Any]:
     """`ray.init`'s arguments: a local Ray with this machine's CPUs ("local": never a cluster
     that happens to run here), or the cluster at `ray_address`, whose machines declared their own
     resources. The workers get `worker_environment` and this process's sys.path (as Flower
     passes it)."""
     paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = worker_environment(config, nodes)
+    env = worker_environment(config, simulated)
     args: dict[str, Any] = {
         "include_dashboard": False, "logging_level": "error", "log_to_driver": False,
         "runtime_env": {"env_vars": {**env, "PYTHONPATH": os.pathsep.join(paths)}},
@@ -82,7 +82,7 @@ def check_reachable(address: str | None) -> None:
                          "ray_address unset") from None
 
 
-def start_ray(config: SimulationConfig, nodes: str) -> None:
+def start_ray(config: SimulationConfig, simulated: dict[str, str]) -> None:
     """Start (or join) the Ray this run's clients run on, and check that a worker fits on one
     of its nodes. Flower then finds Ray initialised and uses it as it is (its own `ray.init`
     could not take a runtime_env), and shuts it down at the end; a Ray this process was already
@@ -96,7 +96,7 @@ def start_ray(config: SimulationConfig, nodes: str) -> None:
     quiet.setLevel(logging.ERROR)
     try:
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's own notice
-        ray.init(**ray_init_args(config, nodes))
+        ray.init(**ray_init_args(config, simulated))
     except ConnectionError as exc:
         raise FedlrError(f"no Ray cluster at {config.ray_address}: {exc}; start one with `ray "
                          "start --head` (see the README), or leave ray_address unset") from None
@@ -133,17 +133,17 @@ class RayStart:
     The thread lives until `stop()`: Ray's own processes (GCS, raylet) are started with
     PR_SET_PDEATHSIG, which Linux fires when the *thread* that started them exits."""
 
-    def __init__(self, config: SimulationConfig, nodes: str) -> None:
+    def __init__(self, config: SimulationConfig, simulated: dict[str, str]) -> None:
         self.error: BaseException | None = None
         self.started = threading.Event()
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(config, nodes), daemon=True,
+        self.thread = threading.Thread(target=self._run, args=(config, simulated), daemon=True,
                                        name="fedlr-ray-start")
         self.thread.start()
 
-    def _run(self, config: SimulationConfig, nodes: str) -> None:
+    def _run(self, config: SimulationConfig, simulated: dict[str, str]) -> None:
         try:
-            start_ray(config, nodes)
+            start_ray(config, simulated)
         except BaseException as exc:  # raised in the caller's thread by ready()
             self.error = exc
         self.started.set()

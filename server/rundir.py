@@ -9,6 +9,8 @@
     checkpoint/                      state after the last completed round, for --resume
     nodes/<id>/ledger.json           fedlr simulate: each simulated node's own privacy ledger
                                      (a deployed node keeps it on its own disk)
+    data/shards.safetensors          fedlr simulate: every client's tokenised shard, which the
+                                     workers read (`fedlr.data.packed`)
 
 Every file is written atomically, run.json first, and a round writes its checkpoint last (its JSON
 names its tensors), so a run killed at any instant resumes: from the last checkpointed round, or
@@ -53,6 +55,14 @@ class RunDir:
     @property
     def checkpoint_json(self) -> Path:
         return self.root / "checkpoint" / "checkpoint.json"
+
+    @property
+    def nodes(self) -> Path:
+        return self.root / "nodes"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "data" / "shards.safetensors"
 
     @property
     def started(self) -> bool:

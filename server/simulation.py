@@ -2,10 +2,11 @@
 existing Ray cluster (`ray_address`, see `fedlr.server.ray_cluster`).
 
 The ServerApp runs the coordinator in this process; virtual clients run in Ray worker processes,
-one CPU each unless `worker_cpus` says otherwise, and each process loads the frozen base and the
-data once for all the clients it serves. The settings and the run directory are checked before
-Ray starts; Ray then starts while this process loads the model and data (which it checks) and
-evaluates round 0.
+one CPU each unless `worker_cpus` says otherwise, and each process loads the frozen base once for
+all the clients it serves. This process partitions and tokenises the data once and packs the
+shards into the run directory, where each worker reads its clients' (`fedlr.data.packed`). The
+settings and the run directory are checked before Ray starts; Ray then starts while this process
+loads the model and data (which it checks) and evaluates round 0.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedlr.data.packed import SHARDS_ENV
 from fedlr.errors import FedlrError
 from fedlr.federation import Federation
 from fedlr.lora.strategies import GlobalState
 from fedlr.models.sources import resolve_source
+from fedlr.privacy.node import SIMULATED_NODES_ENV
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.export import export_peft, final_adapter
 from fedlr.server.grouping import grouping_for
@@ -32,6 +35,7 @@ from fedlr.server.ray_cluster import (
 )
 from fedlr.server.report import evaluation_note, plot, summary_table
 from fedlr.server.rundir import RunDir
+from fedlr.session import pack_shards
 from fedlr.settings.schema import PLACEMENT_SETTINGS, SimulationConfig
 
 
@@ -93,6 +97,12 @@ def check_resume(run: RunDir, config: SimulationConfig) -> None:
         )
 
 
+def simulated_nodes(run: RunDir) -> dict[str, str]:
+    """What the workers are told of the simulated nodes: the folder of their privacy ledgers and
+    the file of their data (absolute: a worker's working directory is its own)."""
+    return {SIMULATED_NODES_ENV: str(run.nodes.resolve()), SHARDS_ENV: str(run.shards.resolve())}
+
+
 def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
              console: Console | None = None, report: bool = True) -> RunDir:
     """Run (or resume) a simulated federation; returns its run directory. `report`: print the
@@ -100,9 +110,10 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
     console = console or Console()
     check_reachable(config.ray_address)
     run = prepare_run(config, resume)
-    ray_start = RayStart(config, nodes=str((run.root / "nodes").resolve()))
+    ray_start = RayStart(config, simulated_nodes(run))
     try:
         _, fed = open_run(config, resume, run)
+        pack_shards(run.shards, fed.data, fed.data_spec, fed.model.spec)
         ray_start.ready()
         run_flower(config, fed, run, client_app, resume, console)
     finally:

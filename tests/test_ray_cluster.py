@@ -1,12 +1,14 @@
 """`fedlr simulate --ray-address`: the simulated clients run on an existing Ray cluster, here two
 Ray nodes on loopback (a head and a worker node, one CPU each). Both nodes serve clients, the
 workers get the environment the ClientApp needs from the job (not from the node that started
-them), and the run ends with the adapter a local Ray gives."""
+them) and read their clients' shards from the run directory, and the run ends with the adapter
+a local Ray gives."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
 from fedlr.client.app import app as client_app
+from fedlr.data.packed import SHARDS_ENV
 from fedlr.privacy.node import SIMULATED_NODES_ENV
 from fedlr.server.rundir import RunDir
 from fedlr.server.simulation import simulate
@@ -30,20 +33,25 @@ def small_config(out: Path, **overrides) -> SimulationConfig:
 
 
 def recording(folder: Path) -> ClientApp:
-    """fedlr's ClientApp, noting for each message the Ray node and process that served it and
-    what that process's environment says (one file per message: workers write in parallel)."""
+    """fedlr's ClientApp, noting for each message the Ray node and process that served it, what
+    that process's environment says, and whether serving it loaded the `datasets` stack (one
+    file per message: workers write in parallel)."""
     recorder = ClientApp()
 
     def serve(message, context):
         import ray
 
+        reply = client_app(message, context)
         note = {"type": message.metadata.message_type,
                 "client": int(context.node_config["partition-id"]),
                 "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "nodes_env": os.environ.get(SIMULATED_NODES_ENV),
-                "threads": os.environ.get("OMP_NUM_THREADS")}
+                "shards_env": os.environ.get(SHARDS_ENV),
+                "threads": os.environ.get("OMP_NUM_THREADS"),
+                "datasets": [m for m in ("datasets", "flwr_datasets", "pandas")
+                             if m in sys.modules]}
         (folder / f"{uuid.uuid4().hex}.json").write_text(json.dumps(note))
-        return client_app(message, context)
+        return reply
 
     recorder.train()(serve)
     recorder.query()(serve)
@@ -100,8 +108,12 @@ def test_the_run_completes_with_every_client_on_both_ray_nodes(cluster, cluster_
     assert len(nodes) == 2
     assert {n["node"] for n in trained} == nodes  # each Ray node trained clients
     # the job's environment reached the workers of the node the driver did not start from
-    expected = str((Path(config.out) / "nodes").resolve())
-    assert {(n["nodes_env"], n["threads"]) for n in notes} == {(expected, "1")}
+    run = Path(config.out).resolve()
+    assert {(n["nodes_env"], n["shards_env"], n["threads"]) for n in notes} == {
+        (str(run / "nodes"), str(run / "data" / "shards.safetensors"), "1")}
+    # the workers read their clients' shards from the run's file, without the datasets stack
+    # (Ray itself loads pyarrow)
+    assert not any(n["datasets"] for n in notes)
 
 
 def test_the_cluster_changes_nothing_in_the_result(cluster_run, tmp_path):
