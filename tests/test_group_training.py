@@ -2,7 +2,8 @@
 
 The grouped kernels against their one-client-at-a-time references, then whole rounds in float64:
 mixed ranks {2, 4, 8}, clients of different data sizes, with and without A and head trained,
-without DP and under DP-SGD with a fixed noise source (tests only)."""
+without DP and under DP-SGD with a fixed noise source (tests only); the whole rounds on every
+device present (CUDA on a GPU machine, `scripts/device-check.sh`)."""
 
 from __future__ import annotations
 
@@ -97,9 +98,13 @@ def subset(data: Encoded, rows: list[int]) -> Encoded:
     return Encoded([data.ids[i] for i in rows], data.labels[rows], data.pad_id)
 
 
-@pytest.fixture(scope="module")
-def f64_host():
-    return f64_bert_host()
+# every device here: on a GPU machine the whole-round equivalences run on CUDA too
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def f64_host(request):
+    return f64_bert_host(request.param)
 
 
 def start_adapters(host, ranks):

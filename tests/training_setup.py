@@ -56,10 +56,11 @@ def current_adapter(host: LoraHost, rank: int):
     return from_peft_model(host.model(rank), host.adapter_name(rank))
 
 
-def f64_bert_host() -> tuple[LoraHost, Encoded]:
+def f64_bert_host(device: str = "cpu") -> tuple[LoraHost, Encoded]:
     """A small BERT in float64 without dropout, on the tiny preset's examples: every op stays
     float64 (the tiny LLaMA computes its RMSNorm in float32, which would round two paths' last
-    bits apart), and its head takes the pooled output, as MiniLM's does."""
+    bits apart), and its head takes the pooled output, as MiniLM's does. On `device` before its
+    LoRA layers are attached (opacus#820); the examples stay on the CPU, as a shard does."""
     from transformers import BertConfig, BertForSequenceClassification
 
     _, data = tiny_host()
@@ -69,4 +70,5 @@ def f64_bert_host() -> tuple[LoraHost, Encoded]:
                         attention_probs_dropout_prob=0.0, pad_token_id=data.pad_id)
     torch.manual_seed(0)
     base = BertForSequenceClassification(config).to(torch.float64).eval().requires_grad_(False)
+    base = base.to(device)
     return LoraHost(base, "classification", ("query", "value")), data
