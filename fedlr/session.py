@@ -124,9 +124,10 @@ def shards_key(spec: DataSpec, model: ModelSpec) -> str:
 
 
 def pack_shards(path: Path, data: DataSession, spec: DataSpec, model: ModelSpec) -> None:
-    """Every client's encoded shard into `path`, for the workers of a simulation to read."""
-    write_shards(path, [data.shard(c) for c in range(len(data.partitions))],
-                 shards_key(spec, model))
+    """Every client's encoded shard into `path`, for the workers of a simulation to read;
+    encoded for the file alone, not kept in `data` (the driver trains no client)."""
+    write_shards(path, [encode(part, data.tokenizer, data.max_length)
+                        for part in data.partitions], shards_key(spec, model))
 
 
 @functools.lru_cache(maxsize=2)
