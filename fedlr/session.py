@@ -1,8 +1,10 @@
 """What one process loads once and keeps: the frozen base model and the tokenised data.
 
 A simulation runs hundreds of virtual clients in a few worker processes; each process loads the
-base once (shared by every client it serves, one small adapter per rank) and the data once
-(partitioned the same way everywhere, from the run's seed), never per virtual client.
+base once (shared by every client it serves, one small adapter per rank), never per virtual
+client. The data is partitioned and tokenised once, by the driver, which packs the shards for the
+workers to read (`pack_shards`, `client_shards`); a deployed node without a data file of its own
+partitions the run's dataset as the server does (the partitioners are seeded by the run).
 
 What it loads lives as long as the process, so it is moved out of the garbage collector's way
 (`gc.freeze`): otherwise every full collection walks the half a million objects that the

@@ -1,11 +1,11 @@
 """A simulation's client shards, tokenised once by the driver and read by the workers.
 
 Partitioning and tokenising the run's dataset in every worker cost each of them the `datasets`
-stack (pyarrow, pandas, flwr-datasets: about 160 MB and 1.4 s per worker, measured on the tiny
-preset) to produce what the driver already holds. The driver writes every client's encoded
-shard into one safetensors file of the run directory instead; a worker reads the slices of the
-clients it trains (memory-mapped: pages only of what it reads). It is a simulated node's data
-file, as a deployed node has its own.
+stack (pyarrow, pandas, flwr-datasets: about 160 MB and 1.4 s per worker on the tiny preset, a
+one-off measurement) to produce what the driver already holds. The driver writes every
+client's encoded shard into one safetensors file of the run directory instead; a worker reads
+the slices of the clients it trains (memory-mapped: pages only of what it reads). It is a
+simulated node's data file, as a deployed node has its own.
 
 The file names the data and tokenizer it was written for (`key`), and a reader with another key
 refuses it: a worker never trains on shards of another run's settings.
