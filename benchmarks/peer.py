@@ -14,10 +14,12 @@ supernode per client and one CPU per client, each timed from outside as a fresh 
 
 Reports per side and DP mode the wall time and the seconds per client-round (the whole job over
 clients x rounds), the ratio peer / fedlr, and where the time goes: fedlr's metrics.jsonl fields
-(the server's parts of each round, the clients' own times summed over clients) and the peer's
-client times, each summed over the rounds, per client-round and as a fraction of the job's wall
-time. Client times are worker-seconds: the workers run in parallel, so their fractions can add
-up to more than 1. Writes benchmarks/results/peer.json and peer.png, and prints a table.
+(the server's parts of each round, the clients' own times summed over clients), the time outside
+the rounds and its phases from fedlr's timeline.json (`phase ...`; they overlap, see
+fedlr.server.timeline), and the peer's client times, each summed over the rounds, per
+client-round and as a fraction of the job's wall time. Client times are worker-seconds: the
+workers run in parallel, so their fractions can add up to more than 1. Writes
+benchmarks/results/peer.json and peer.png, and prints a table.
 
 Run: python benchmarks/peer.py [--clients 20 --rounds 2] [--dp | --no-dp] (default: both)
 """
@@ -100,10 +102,21 @@ def run_fedlr(clients: int, rounds: int, dp: bool, env: dict[str, str], folder: 
     totals = {k: sum(r.get(k, 0.0) for r in records) for k in ("seconds", *SERVER_TIMES,
                                                                  *CLIENT_TIMES)}
     totals["outside_rounds"] = wall - totals.pop("seconds")  # start-up, round 0, export
+    totals.update(outside_phases(out, wall))
     return {"wall_seconds": wall, "seconds_per_client_round": wall / (clients * rounds),
             "eval_accuracy": records[-1]["eval_accuracy"],
             "epsilon_max": records[-1].get("epsilon_max"),
             "breakdown": breakdown(totals, wall, clients * rounds)}
+
+
+def outside_phases(out: Path, wall: float) -> dict[str, float]:
+    """The phases outside the rounds from the run's timeline.json (they overlap: Ray, the
+    federation and the nodes start together), and the process's exit after its last phase."""
+    spans = json.loads((out / "timeline.json").read_text())["spans"]
+    phases = {f"phase {name}": span["seconds"] for name, span in spans.items()
+              if name != "rounds"}
+    phases["phase exit"] = wall - max(span["end"] for span in spans.values())
+    return phases
 
 
 def run_peer(clients: int, rounds: int, dp: bool, env: dict[str, str]) -> dict:

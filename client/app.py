@@ -31,8 +31,10 @@ from fedlr.privacy.secagg.encoding import Encoding, encode
 from fedlr.session import client_shards, local_shard, model_session
 from fedlr.wire import (
     GROUP_FIELD,
+    PRELOAD_FIELD,
     Job,
     Parts,
+    Preload,
     Refusal,
     TrainJob,
     TrainReply,
@@ -226,9 +228,22 @@ def secure_stage(parts: Parts, context: Context) -> Parts:
     return Parts({}, {**fields, **extra, "kind": "secagg"})
 
 
+def preload(text: str) -> None:
+    """Load the run's model session now, into the cache the jobs read. Where it cannot be
+    loaded, the node still answers: its first job will refuse with the reason."""
+    try:
+        wanted = Preload.from_json(text)
+        model_session(wanted.model_spec(), wanted.alpha, wanted.device)
+    except Exception as exc:  # its first job refuses with the reason
+        log.warning("the model was not preloaded: %s", exc)
+
+
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Which client this node is (its partition id, set when it was started) and its device."""
+    """Which client this node is (its partition id, set when it was started) and its device;
+    first the model the server said every job will use is loaded (`Preload`)."""
+    if PRELOAD_FIELD in msg.content:
+        preload(str(msg.content[PRELOAD_FIELD]["json"]))
     node = context.node_config
     identity = ConfigRecord({
         "partition-id": int(node["partition-id"]),

@@ -5,6 +5,7 @@ and the model before any round."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedlr.lora.strategies import FederationSpec, Strategy, make_strategy
@@ -26,10 +27,14 @@ class Federation:
     strategy: Strategy
 
     @classmethod
-    def build(cls, config: SimulationConfig, device: str = "auto") -> Federation:
+    def build(cls, config: SimulationConfig, device: str = "auto",
+              on_model: Callable[[ModelSession], None] = lambda model: None) -> Federation:
+        """`on_model` gets the model session as soon as it is loaded, before the data are
+        partitioned and tokenised (a simulation's nodes load theirs meanwhile)."""
         labels = data_source(config.dataset, config.task).num_labels
         spec = config.model_spec(labels)
         model = model_session(spec, config.alpha, device)
+        on_model(model)
         data_spec = config.data_spec()
         data = data_session(data_spec, spec)
         federation = FederationSpec(

@@ -27,6 +27,7 @@ from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.settings.specs import DataSpec, DPConfig, ModelSpec, TrainConfig
 
 Scalar = str | int | float | bool | bytes
+PRELOAD_FIELD = "preload"  # the identify query's record that carries a `Preload`
 
 
 class WireError(FedlrError):
@@ -65,13 +66,47 @@ class Job:
         return cls(**json.loads(text))
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(**{**self.model, "targets": tuple(self.model["targets"] or ()) or None})
+        return spec_from_fields(self.model)
 
     def data_spec(self) -> DataSpec:
         return DataSpec(**self.data)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.train, dp=DPConfig(**self.dp) if self.dp else None)
+
+
+def spec_from_fields(model: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(**{**model, "targets": tuple(model["targets"] or ()) or None})
+
+
+@dataclass(frozen=True)
+class Preload:
+    """The model session every job of a run asks for (its spec with the targets the server's host
+    resolved, alpha, device): sent when a node is identified, so that the node loads the base
+    while the server is still building its own, and its first job finds it in its cache. Jobs
+    carry the same fields (`Coordinator.job`)."""
+
+    model: dict[str, Any]
+    alpha: float
+    device: str
+
+    @classmethod
+    def for_run(cls, spec: ModelSpec, targets: list[str], alpha: float, train: TrainConfig
+                ) -> Preload:
+        return cls({**asdict(spec), "targets": list(targets)}, alpha, train.device)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Preload:
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"a preload that does not decode: {exc}") from exc
+
+    def model_spec(self) -> ModelSpec:
+        return spec_from_fields(self.model)
 
 
 def job_settings(train: TrainConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -45,9 +45,12 @@ from fedlr.server.nodes import NodeDirectory
 from fedlr.server.records import evaluates, round_record
 from fedlr.server.rundir import RunDir
 from fedlr.server.transport import Transport
+from fedlr.session import ModelSession
+from fedlr.settings.schema import SimulationConfig
 from fedlr.wire import (
     Job,
     Parts,
+    Preload,
     Refusal,
     TrainJob,
     WireError,
@@ -56,6 +59,12 @@ from fedlr.wire import (
 )
 
 log = logging.getLogger("fedlr")
+
+
+def preload_for(config: SimulationConfig, model: ModelSession) -> Preload:
+    """What every job of this run asks its node to load (`Preload`)."""
+    return Preload.for_run(model.spec, list(model.host.targets), config.alpha,
+                           config.train_config())
 
 
 @dataclass
@@ -94,15 +103,23 @@ class Coordinator:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run_rounds(self, grid: Grid, resume: bool) -> GlobalState:
+    def run_rounds(self, grid: Grid, resume: bool, directory: NodeDirectory | None = None
+                   ) -> GlobalState:
+        """The rounds, with the nodes identified first unless `directory` already has them."""
         config = self.fed.config
         state = self.initial(resume)
-        directory = NodeDirectory(config.num_clients)
-        directory.wait(grid, seconds=config.connect_timeout, at_least=config.min_valid_updates)
+        if directory is None:
+            directory = NodeDirectory(config.num_clients, preload=self.preload)
+            directory.wait(grid, seconds=config.connect_timeout,
+                           at_least=config.min_valid_updates)
         for round_ in range(state.round + 1, config.rounds + 1):
             directory.refresh(grid)  # who left, who came back
             state = self.round(grid, directory.clients, state, round_)
         return state
+
+    @property
+    def preload(self) -> Preload:
+        return preload_for(self.fed.config, self.fed.model)
 
     def job(self, client: str, round_: int) -> Job:
         config, strategy = self.fed.config, self.fed.strategy
@@ -116,7 +133,7 @@ class Coordinator:
             train_head=strategy.trains_head,
             seed=config.client_seed(round_, client),
             alpha=config.alpha,
-            model={**self.fed.model.spec.__dict__, "targets": list(self.fed.model.host.targets)},
+            model=self.preload.model,
             data=self.fed.data_spec.__dict__,
             train=train,
             dp=dp,

@@ -2,9 +2,10 @@
 
 Each node declares its client id when it is started (`fedlr client --partition-id K`, or Flower's
 simulation engine for virtual clients); the server asks every new node once (a `query` message)
-and keeps the answer. A client's identity is then stable when its node reconnects with another
-node id, when other nodes leave, and across a server restart, so its privacy ledger, rank and data
-always belong together.
+and keeps the answer; the question carries the run's `Preload`, so the node loads the base model
+before it answers, while the server is still getting ready. A client's identity is then stable
+when its node reconnects with another node id, when other nodes leave, and across a server
+restart, so its privacy ledger, rank and data always belong together.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.errors import FedlrError
+from fedlr.wire import PRELOAD_FIELD, Preload
 
 log = logging.getLogger("fedlr")
 QUERY_TIMEOUT_SECONDS = 60.0
@@ -27,6 +29,7 @@ class NodeDirectory:
     num_clients: int
     clients: dict[str, int] = field(default_factory=dict)  # client id -> node id
     ignored: dict[int, str] = field(default_factory=dict)  # node id -> why it is not a client
+    preload: Preload | None = None  # what each node loads before it answers
 
     def refresh(self, grid: Grid) -> None:
         """Forget nodes that went offline and identify the ones that appeared."""
@@ -36,9 +39,15 @@ class NodeDirectory:
         new = sorted(online - known)
         if not new:
             return
-        queries = [Message(content=RecordDict(), dst_node_id=n, message_type="query") for n in new]
+        queries = [Message(content=self.query(), dst_node_id=n, message_type="query")
+                   for n in new]
         for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_SECONDS):
             self.register(reply)
+
+    def query(self) -> RecordDict:
+        if self.preload is None:
+            return RecordDict()
+        return RecordDict({PRELOAD_FIELD: ConfigRecord({"json": self.preload.to_json()})})
 
     def register(self, reply: Message) -> None:
         if reply.has_error():

@@ -11,6 +11,8 @@
                                      (a deployed node keeps it on its own disk)
     data/shards.safetensors          fedlr simulate: every client's tokenised shard, which the
                                      workers read (`fedlr.data.packed`)
+    timeline.json                    fedlr simulate: when each phase outside the rounds ended
+                                     (`fedlr.server.timeline`)
 
 Every file is written atomically, run.json first, and a round writes its checkpoint last (its JSON
 names its tensors), so a run killed at any instant resumes: from the last checkpointed round, or
@@ -63,6 +65,10 @@ class RunDir:
     @property
     def shards(self) -> Path:
         return self.root / "data" / "shards.safetensors"
+
+    @property
+    def timeline(self) -> Path:
+        return self.root / "timeline.json"
 
     @property
     def started(self) -> bool:

@@ -4,15 +4,23 @@ existing Ray cluster (`ray_address`, see `fedlr.server.ray_cluster`).
 The ServerApp runs the coordinator in this process; virtual clients run in Ray worker processes,
 one CPU each unless `worker_cpus` says otherwise, and each process loads the frozen base once for
 all the clients it serves. This process partitions and tokenises the data once and packs the
-shards into the run directory, where each worker reads its clients' (`fedlr.data.packed`). The
-settings and the run directory are checked before Ray starts; Ray then starts while this process
-loads the model and data (which it checks) and evaluates round 0.
+shards into the run directory, where each worker reads its clients' (`fedlr.data.packed`).
+
+The settings and the run directory are checked before anything starts. Then the start-up
+overlaps: Ray starts while this process builds the federation in the background (loads and checks
+the data and the model, evaluates round 0, packs the shards); Flower starts as soon as Ray is up,
+and once this process has its model, the nodes are identified and each worker loads the same
+model (`Preload`) while the data are still being prepared. `timeline.json` records each phase.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict
 from typing import Any
 
@@ -25,9 +33,10 @@ from fedlr.federation import Federation
 from fedlr.lora.strategies import GlobalState
 from fedlr.models.sources import resolve_source
 from fedlr.privacy.node import SIMULATED_NODES_ENV
-from fedlr.server.coordinator import Coordinator
+from fedlr.server.coordinator import Coordinator, preload_for
 from fedlr.server.export import export_peft, final_adapter
 from fedlr.server.grouping import grouping_for
+from fedlr.server.nodes import NodeDirectory
 from fedlr.server.ray_cluster import (
     RayStart,
     check_reachable,
@@ -35,8 +44,10 @@ from fedlr.server.ray_cluster import (
 )
 from fedlr.server.report import evaluation_note, plot, summary_table
 from fedlr.server.rundir import RunDir
-from fedlr.session import pack_shards
+from fedlr.server.timeline import Timeline
+from fedlr.session import ModelSession, pack_shards
 from fedlr.settings.schema import PLACEMENT_SETTINGS, SimulationConfig
+from fedlr.wire import Preload
 
 
 def base_model_name(model: str) -> str:
@@ -55,12 +66,13 @@ def prepare_run(config: SimulationConfig, resume: bool) -> RunDir:
     return run
 
 
-def open_run(config: SimulationConfig, resume: bool, run: RunDir | None = None
+def open_run(config: SimulationConfig, resume: bool, run: RunDir | None = None,
+             on_model: Callable[[ModelSession], None] = lambda model: None
              ) -> tuple[RunDir, Federation]:
     """Build the federation (which validates model and data) for a prepared run directory (by
-    default prepared here), then record the run."""
+    default prepared here), then record the run. `on_model`: see `Federation.build`."""
     run = run or prepare_run(config, resume)
-    fed = Federation.build(config)
+    fed = Federation.build(config, on_model=on_model)
     if not run.started:  # a new run, or one killed before it wrote anything
         initial = Coordinator(fed, run).evaluate(fed.strategy.init_state(
             fed.model.host.initial_head))
@@ -107,33 +119,88 @@ def simulate(config: SimulationConfig, client_app: Any, *, resume: bool = False,
              console: Console | None = None, report: bool = True) -> RunDir:
     """Run (or resume) a simulated federation; returns its run directory. `report`: print the
     table of rounds and the rejections at the end (the files are written either way)."""
+    timeline = Timeline()
+    timeline.add("start-up", timeline.start)
     console = console or Console()
     check_reachable(config.ray_address)
     run = prepare_run(config, resume)
-    ray_start = RayStart(config, simulated_nodes(run))
     try:
-        _, fed = open_run(config, resume, run)
-        pack_shards(run.shards, fed.data, fed.data_spec, fed.model.spec)
-        ray_start.ready()
-        run_flower(config, fed, run, client_app, resume, console)
-    finally:
-        ray_start.stop()  # Flower's, unless the run failed before it started
-    records = run.read_metrics()
-    if not records:
-        raise FedlrError("the simulation ended without completing a round; see the log above")
-    evaluation = json.loads((run.root / "run.json").read_text()).get("evaluation", {})
-    plot(records, run.root / "metrics.png", f"{config.strategy}, {config.num_clients} clients",
-         evaluation)
-    if report:
-        print_report(console, config, records, evaluation)
-        console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/)")
+        run_all(config, run, client_app, resume, console, report, timeline)
+    finally:  # also what a failed run got through
+        timeline.write(run.timeline)
     return run
 
 
-def run_flower(config: SimulationConfig, fed: Federation, run: RunDir, client_app: Any,
-               resume: bool, console: Console) -> None:
+class FederationBuild:
+    """`open_run` and `pack_shards` in a background thread, while Ray, Flower and the workers
+    start: `preload` resolves once the model is loaded (the nodes then load theirs), `federation`
+    once everything is built."""
+
+    def __init__(self, config: SimulationConfig, resume: bool, run: RunDir,
+                 timeline: Timeline) -> None:
+        self.preload: Future[Preload] = Future()
+        self.federation: Future[Federation] = Future()
+        self.thread = threading.Thread(target=self._build, args=(config, resume, run, timeline),
+                                       daemon=True, name="fedlr-federation")
+        self.thread.start()
+
+    def _build(self, config: SimulationConfig, resume: bool, run: RunDir,
+               timeline: Timeline) -> None:
+        def loaded(model: ModelSession) -> None:
+            self.preload.set_result(preload_for(config, model))
+
+        try:
+            with timeline.span("federation"):
+                _, fed = open_run(config, resume, run, on_model=loaded)
+                pack_shards(run.shards, fed.data, fed.data_spec, fed.model.spec)
+        except BaseException as exc:  # raised where it is waited for
+            if not self.preload.done():
+                self.preload.set_exception(exc)
+            self.federation.set_exception(exc)
+        else:
+            self.federation.set_result(fed)
+
+    def failed(self) -> BaseException | None:
+        """What the build raised, if it already ended that way."""
+        return self.federation.exception() if self.federation.done() else None
+
+
+def run_all(config: SimulationConfig, run: RunDir, client_app: Any, resume: bool,
+            console: Console, report: bool, timeline: Timeline) -> None:
+    """`simulate` from its prepared run directory on: Ray and the federation start together,
+    Flower as soon as Ray is up."""
+    ray_start = RayStart(config, simulated_nodes(run))
+    build = FederationBuild(config, resume, run, timeline)
+    try:
+        with timeline.span("ray"):
+            ray_start.ready()
+        if (error := build.failed()) is not None:
+            raise error
+        run_flower(config, build, run, client_app, resume, console, timeline)
+    finally:
+        build.thread.join()  # nothing left writing into the run directory
+        with timeline.span("ray shutdown"):
+            ray_start.stop()  # Flower's, unless the run failed before it started
+    with timeline.span("report"):
+        records = run.read_metrics()
+        if not records:
+            raise FedlrError("the simulation ended without completing a round; see the log "
+                             "above")
+        evaluation = json.loads((run.root / "run.json").read_text()).get("evaluation", {})
+        plot(records, run.root / "metrics.png",
+             f"{config.strategy}, {config.num_clients} clients", evaluation)
+        if report:
+            print_report(console, config, records, evaluation)
+            console.print(timeline.outside_rounds(), highlight=False)
+            console.print(f"run directory: {run.root}  (metrics.jsonl, metrics.png, adapter/, "
+                          "timeline.json)")
+
+
+def run_flower(config: SimulationConfig, build: FederationBuild, run: RunDir, client_app: Any,
+               resume: bool, console: Console, timeline: Timeline) -> None:
     """The rounds, on Flower's simulation engine over the Ray that was started for them, with a
-    progress bar; the first error of the ServerApp (which Flower would only log) is raised."""
+    progress bar; the first error of the ServerApp (which Flower would only log) is raised. The
+    nodes are identified (and load the model) while the federation is still being built."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -150,19 +217,34 @@ def run_flower(config: SimulationConfig, fed: Federation, run: RunDir, client_ap
             progress.update(task, completed=record["round"],
                             description=f"{config.strategy}: round {record['round']} {shown}")
 
-        grouping = grouping_for(config, fed.model.host)
-        coordinator = Coordinator(fed, run, on_round=on_round, grouping=grouping)
+        def rounds(grid: Grid) -> None:
+            with timeline.span("nodes"):
+                directory = NodeDirectory(config.num_clients, preload=build.preload.result())
+                directory.wait(grid, seconds=config.connect_timeout,
+                               at_least=config.min_valid_updates)
+            with timeline.span("federation wait"):
+                fed = build.federation.result()
+            coordinator = Coordinator(fed, run, on_round=on_round,
+                                      grouping=grouping_for(config, fed.model.host))
+            with timeline.span("rounds"):
+                state = coordinator.run_rounds(grid, resume, directory)
+            with timeline.span("export"):
+                finish(coordinator, state)
+            progress.update(task, completed=config.rounds)
 
         @server_app.main()
         def main(grid: Grid, context: Any) -> None:
+            timeline.add("flower", flower_start)
             try:
-                finish(coordinator, coordinator.run_rounds(grid, resume))
-                progress.update(task, completed=config.rounds)
+                rounds(grid)
             except BaseException as exc:  # Flower would log and swallow it
                 errors.append(exc)
+            finally:
+                flower_stop.append(time.time())
 
         logging.getLogger("flwr").setLevel(logging.ERROR)  # not its deprecation notice per run
         logging.getLogger("fedlr").setLevel(logging.ERROR)  # rejections are listed at the end
+        flower_start, flower_stop = time.time(), []
         run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -170,6 +252,8 @@ def run_flower(config: SimulationConfig, fed: Federation, run: RunDir, client_ap
             # worker_cpus per virtual client; with a GPU, the workers share it
             backend_config={"client_resources": worker_resources(config)},
         )
+        if flower_stop:
+            timeline.add("flower shutdown", flower_stop[0])
     if errors:
         raise errors[0]
 

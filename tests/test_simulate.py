@@ -24,6 +24,7 @@ from fedlr.federation import Federation
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
 from fedlr.server.simulation import simulate
+from fedlr.server.timeline import PHASES
 from fedlr.settings.schema import SimulationConfig
 
 pytestmark = pytest.mark.e2e  # simulations, subprocesses and deployments
@@ -87,6 +88,12 @@ def test_run_directory_follows_the_contract(runs, strategy):
         assert all(load_adapter(c).meta["num_examples"] > 0 for c in clients)
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "metrics.png").stat().st_size > 0
+    spans = json.loads((run / "timeline.json").read_text())["spans"]
+    assert set(spans) == set(PHASES)
+    ready = max(spans[name]["end"] for name in ("federation", "nodes", "ray", "flower"))
+    assert ready <= spans["rounds"]["start"] + 1e-6  # every start-up phase ended before round 1
+    assert spans["rounds"]["seconds"] >= sum(r["seconds"] for r in records)
+    assert spans["start-up"]["end"] <= spans["federation"]["start"] < spans["nodes"]["start"]
     privacy = run / "privacy.json"
     if strategy == "ffa":
         data = json.loads(privacy.read_text())
