@@ -173,6 +173,7 @@ def run_all(config: SimulationConfig, run: RunDir, client_app: Any, resume: bool
     build = FederationBuild(config, resume, run, timeline)
     try:
         with timeline.span("ray"):
+            import flwr.simulation  # noqa: F401 - while Ray starts, where this thread would wait
             ray_start.ready()
         if (error := build.failed()) is not None:
             raise error
@@ -201,6 +202,7 @@ def run_flower(config: SimulationConfig, build: FederationBuild, run: RunDir, cl
     """The rounds, on Flower's simulation engine over the Ray that was started for them, with a
     progress bar; the first error of the ServerApp (which Flower would only log) is raised. The
     nodes are identified (and load the model) while the federation is still being built."""
+    flower_start = time.time()
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -244,7 +246,7 @@ def run_flower(config: SimulationConfig, build: FederationBuild, run: RunDir, cl
 
         logging.getLogger("flwr").setLevel(logging.ERROR)  # not its deprecation notice per run
         logging.getLogger("fedlr").setLevel(logging.ERROR)  # rejections are listed at the end
-        flower_start, flower_stop = time.time(), []
+        flower_stop: list[float] = []
         run_simulation(
             server_app=server_app,
             client_app=client_app,

@@ -20,10 +20,10 @@ from fedlr.atomic import write_json
 # The phases of `fedlr simulate`, with what each covers (README, benchmarks/peer.py).
 PHASES = {
     "start-up": "interpreter and imports, from the process's start to the simulation's entry",
-    "ray": "Ray's start (in the background)",
+    "ray": "Ray's start (in the background; meanwhile Flower's engine is imported)",
     "federation": "data, model and round-0 evaluation; shards packed for the workers "
                   "(in the background)",
-    "flower": "Flower's simulation engine started, up to the ServerApp",
+    "flower": "Flower's simulation engine started, up to the ServerApp's entry",
     "nodes": "the workers started and identified, each with the run's model loaded",
     "federation wait": "the nodes ready, the federation not yet",
     "rounds": "the rounds (timed in metrics.jsonl)",
