@@ -74,9 +74,11 @@ class Coordinator:
     on_round: Callable[[dict[str, Any]], None] = lambda record: None
     grouping: Grouping | None = None  # a simulation's batched engine; deployed: None
     privacy: RunPrivacy = field(init=False)
+    preload: Preload = field(init=False)  # what every job asks its node to load
 
     def __post_init__(self) -> None:
         self.privacy = RunPrivacy(self.fed.config)
+        self.preload = preload_for(self.fed.config, self.fed.model)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -116,10 +118,6 @@ class Coordinator:
             directory.refresh(grid)  # who left, who came back
             state = self.round(grid, directory.clients, state, round_)
         return state
-
-    @property
-    def preload(self) -> Preload:
-        return preload_for(self.fed.config, self.fed.model)
 
     def job(self, client: str, round_: int) -> Job:
         config, strategy = self.fed.config, self.fed.strategy

@@ -11,7 +11,7 @@
                                      (a deployed node keeps it on its own disk)
     data/shards.safetensors          fedlr simulate: every client's tokenised shard, which the
                                      workers read (`fedlr.data.packed`)
-    timeline.json                    fedlr simulate: when each phase outside the rounds ended
+    timeline.json                    fedlr simulate: when each phase ran, start-up to report
                                      (`fedlr.server.timeline`)
 
 Every file is written atomically, run.json first, and a round writes its checkpoint last (its JSON
