@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedlr.adapters import Adapter
 from fedlr.client.group_training import GroupJob, GroupTrainer
+from fedlr.client.node_trainer import TrainerUnavailable, preload_remotely, train_remotely
 from fedlr.client.training import ClientOptions, LocalTrainer, TrainResult
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.lora.strategies.base import ClientUpdate
@@ -152,10 +153,27 @@ def records(parts: Parts) -> RecordDict:
                        "fields": ConfigRecord(parts.fields)})
 
 
+def train_here_config(node_config: dict[str, Any]
+                      ) -> tuple[str | None, NodeState, NodeLimits]:
+    """`run_job`'s node arguments from the node's own configuration: its data file, state and
+    limits."""
+    state, limits = node_privacy(node_config)
+    data = node_config.get("data-path")
+    return (str(data) if data else None), state, limits
+
+
 def train_here(down: TrainJob, context: Context) -> TrainReply:
-    """Run the job on this node, within its own privacy state and limits."""
-    state, limits = node_privacy(dict(context.node_config))
-    return run_job(down.job, down.downlink, context.node_config.get("data-path"), state, limits)
+    """Run the job on this node, within its own privacy state and limits: by the node's warm
+    trainer where `fedlr client` started one (the model and data stay loaded between rounds),
+    else in this process."""
+    node = dict(context.node_config)
+    folder = node.get("trainer")
+    if folder:
+        try:
+            return train_remotely(Path(str(folder)), down)
+        except TrainerUnavailable as exc:
+            log.warning("%s; training in this process", exc)
+    return run_job(down.job, down.downlink, *train_here_config(node))
 
 
 @app.train()
@@ -238,12 +256,25 @@ def preload(text: str) -> None:
         log.warning("the model was not preloaded: %s", exc)
 
 
+def preload_where_trained(text: str, trainer: Any) -> None:
+    """Preload in the process the jobs will run in: the node's warm trainer where it has one,
+    else this one (a simulation's worker serves every round from it)."""
+    if trainer:
+        try:
+            preload_remotely(Path(str(trainer)), text)
+            return
+        except TrainerUnavailable as exc:
+            log.warning("%s; preloading in this process", exc)
+    preload(text)
+
+
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Which client this node is (its partition id, set when it was started) and its device;
     first the model the server said every job will use is loaded (`Preload`)."""
     if PRELOAD_FIELD in msg.content:
-        preload(str(msg.content[PRELOAD_FIELD]["json"]))
+        preload_where_trained(str(msg.content[PRELOAD_FIELD]["json"]),
+                              context.node_config.get("trainer"))
     node = context.node_config
     identity = ConfigRecord({
         "partition-id": int(node["partition-id"]),

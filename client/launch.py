@@ -9,15 +9,11 @@ from fedlr.errors import ConfigError
 from fedlr.privacy.node import NodeLimits, NodeState
 
 
-def supernode_argv(
-    superlink: str, *, ca: Path | None, key: Path | None, partition_id: int,
-    num_partitions: int, port: int, insecure: bool, state_dir: Path,
-    limits: NodeLimits | None = None, give_up_after: float | None = None,
-    data: Path | None = None,
-) -> list[str]:
-    """The flower-supernode command line for one client of the federation. It reconnects after
-    a lost connection (a server restart) forever, or for `give_up_after` seconds. The node's
-    ledger in `state_dir` is read once here, so a corrupt one stops the node before it starts."""
+def node_config_text(partition_id: int, num_partitions: int, state_dir: Path,
+                     limits: NodeLimits | None = None, data: Path | None = None) -> str:
+    """The node's own configuration as Flower's `--node-config` (what the ClientApp and the
+    node's trainer read): its client id, data, state and limits. The node's ledger in
+    `state_dir` is read once here, so a corrupt one stops the node before it starts."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
             f"partition id {partition_id} must be in [0, {num_partitions}); it selects this "
@@ -32,6 +28,22 @@ def supernode_argv(
     node_config += f' state-dir="{state_dir.expanduser().resolve()}"'
     for name, value in (limits or NodeLimits()).node_config().items():
         node_config += f" {name}={value!r}"
+    return node_config
+
+
+def supernode_argv(
+    superlink: str, *, ca: Path | None, key: Path | None, partition_id: int,
+    num_partitions: int, port: int, insecure: bool, state_dir: Path,
+    limits: NodeLimits | None = None, give_up_after: float | None = None,
+    data: Path | None = None, trainer: Path | None = None,
+) -> list[str]:
+    """The flower-supernode command line for one client of the federation. It reconnects after
+    a lost connection (a server restart) forever, or for `give_up_after` seconds. `trainer`:
+    the folder of the node's warm trainer (`fedlr.client.node_trainer`), which the ClientApp
+    hands its jobs to."""
+    node_config = node_config_text(partition_id, num_partitions, state_dir, limits, data)
+    if trainer is not None:
+        node_config += f' trainer="{trainer}"'
     argv = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
             "--port", str(port)]
     if give_up_after is not None:

@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.errors import FedlrError
+from fedlr.server.transport import exchange
 from fedlr.wire import PRELOAD_FIELD, Preload
 
 log = logging.getLogger("fedlr")
@@ -41,7 +42,7 @@ class NodeDirectory:
             return
         queries = [Message(content=self.query(), dst_node_id=n, message_type="query")
                    for n in new]
-        for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_SECONDS):
+        for reply in exchange(grid, queries, QUERY_TIMEOUT_SECONDS):
             self.register(reply)
 
     def query(self) -> RecordDict:

@@ -1,10 +1,12 @@
-"""Carrying messages over Flower's Grid: `Parts` as Flower records and back, and one exchange
-with a round's nodes (`Transport`), bytes counted both ways, a batched group's messages bundled
-into one and its answer unbundled."""
+"""Carrying messages over Flower's Grid: `Parts` as Flower records and back, one exchange
+(`exchange`: push, then pull the replies as they come), and one exchange with a round's nodes
+(`Transport`), bytes counted both ways, a batched group's messages bundled into one and its
+answer unbundled."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -13,6 +15,35 @@ from flwr.serverapp import Grid
 from fedlr.grouping import Grouping
 from fedlr.lora.rounds import Rejection
 from fedlr.wire import GROUP_FIELD, Parts, WireError, bundle, unbundle
+
+# Flower's grids look for replies every 0.1 s (simulation) or every 3 s (deployment), so every
+# exchange ended on average 0.05 s or 1.5 s after its last reply arrived. Pulling starts at
+# POLL_FIRST_SECONDS and doubles up to POLL_MAX_SECONDS: a short exchange is noticed within
+# milliseconds, a long one costs at most 1 / POLL_MAX_SECONDS pulls a second.
+POLL_FIRST_SECONDS = 0.002
+POLL_MAX_SECONDS = 0.05
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
+             sleep: Callable[[float], None] = time.sleep,
+             clock: Callable[[], float] = time.monotonic) -> list[Message]:
+    """`Grid.send_and_receive`'s contract (push every message, then the replies that arrive
+    until all are in or `timeout` seconds pass; None waits for all), noticing the last reply
+    within POLL_MAX_SECONDS."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else clock() + timeout
+    replies: list[Message] = []
+    wait = POLL_FIRST_SECONDS
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending -= {m.metadata.reply_to_message_id for m in arrived}
+        left = None if deadline is None else deadline - clock()
+        if not pending or (left is not None and left <= 0):
+            break
+        sleep(wait if left is None else min(wait, left))
+        wait = min(POLL_MAX_SECONDS, 2 * wait)
+    return replies
 
 
 def records(parts: Parts) -> RecordDict:
@@ -60,7 +91,7 @@ class Transport:
             messages.append(Message(content=content, dst_node_id=self.nodes[carrier],
                                     message_type="train"))
         started = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = exchange(self.grid, messages, self.timeout)
         self.seconds += time.perf_counter() - started
         # by the message answered: Flower's own error replies (node offline) come from the
         # SuperLink, not from the node; the grid gave each message its id when it pushed it

@@ -71,11 +71,20 @@ def wait_for_round(out, round_: int, seconds: float = 300) -> None:
 
 def test_a_tls_deployment_gives_the_same_adapter_as_the_simulation(deployment, tmp_path,
                                                                      simulated):
+    """Nodes 0 and 1 train in their warm trainers (the default), node 2 in each round's own
+    ClientApp process (`--no-warm`): the same adapter as the simulation either way."""
+    deployment.kill_node(2)
+    deployment.node_extra[2] = ["--no-warm"]
+    deployment.start_node(2)
     out = tmp_path / "deployed"
     deployment.run({**SETTINGS, "out": str(out)})
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
     assert_same(deployed, simulated)
+    for k in range(3):
+        trained = [f"warm trainer: client {k}, round {r} trained" in deployment.log(
+            f"client{k}.log") for r in (1, 2)]
+        assert trained == [k != 2] * 2, k
 
 
 def test_nodes_that_cannot_prove_who_they_are_or_speak_plain_text_are_refused(deployment,

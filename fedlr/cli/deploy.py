@@ -93,19 +93,31 @@ def client(
     max_clip_norm: Annotated[
         float | None, typer.Option(help="Refuse DP-SGD with a larger clipping bound C.")
     ] = None,
+    warm: Annotated[
+        bool, typer.Option(help="Keep the model and data loaded between rounds in a trainer "
+                                "process beside the SuperNode (--no-warm: load them in every "
+                                "round's own process, as Flower runs each message).")
+    ] = True,
     insecure: Annotated[bool, typer.Option(help="Plain text: tests only.")] = False,
 ) -> None:
     """Start a Flower SuperNode for this machine; it trains on CUDA when present. Its privacy
     ledger and limits are its own: whatever the server sends, it refuses a round past them."""
-    from fedlr.client.launch import supernode_argv
+    from fedlr.client.launch import node_config_text, supernode_argv
+    from fedlr.client.node_trainer import start
     from fedlr.privacy.node import NodeLimits, default_state_dir
 
     limits = NodeLimits(max_epsilon=max_epsilon, delta=budget_delta,
                         min_noise_multiplier=min_noise_multiplier, max_clip_norm=max_clip_norm)
+    state_dir = state_dir or default_state_dir(partition_id)
+    trainer = (start(node_config_text(partition_id, num_partitions, state_dir, limits, data))
+               if warm else None)
     _exec(supernode_argv(superlink, ca=ca, key=key, partition_id=partition_id,
                          num_partitions=num_partitions, port=port, insecure=insecure,
-                         state_dir=state_dir or default_state_dir(partition_id), limits=limits,
-                         give_up_after=give_up_after, data=data))
+                         state_dir=state_dir, limits=limits, give_up_after=give_up_after,
+                         data=data, trainer=trainer))
+
+
+SUPEREXEC_POLL_SECONDS = 0.1
 
 
 def _exec(argv: list[str]) -> None:
@@ -119,6 +131,9 @@ def _exec(argv: list[str]) -> None:
         raise FedlrError(f"{argv[0]} not found; install flwr in this environment")
     console.print(" ".join(argv), highlight=False)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # Flower's SuperExec looks for work every second by default; each message a node trains (or
+    # a run the server starts) waited half of that on average before its process was launched
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_SECONDS))
     # Flower starts its own helpers (flower-superexec) by name: find them in this environment
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.execv(program, [program, *argv[1:]])

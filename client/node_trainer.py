@@ -1,0 +1,192 @@
+"""A deployed node's warm trainer: one process, beside the node's SuperNode, that keeps the model
+and the data loaded from round to round.
+
+Flower (1.41) runs every message a node receives in a fresh `flwr-clientapp` process, so a
+ClientApp that trained itself imported torch and transformers, loaded the model and partitioned
+the data again in every round: about 9 CPU-seconds per round of the tiny preset on a 2-core
+machine, for 1 s of training (on an edge GPU also a CUDA context and the model's upload).
+`fedlr client` starts this trainer first; the ClientApp hands it each round's job (and the
+preload that comes with the node's identification) over a Unix socket in a private folder
+(mode 0700, with a random key: `multiprocessing.connection`'s HMAC handshake, so only this
+node's own processes can ask it anything), and returns its answer to the server.
+
+It trains exactly as the ClientApp would (`run_job`, with the node's own configuration from
+`fedlr client`: its state directory, ledger, limits and data; never from the request), one job
+at a time. Frames carry tensors as safetensors and fields as JSON: nothing is unpickled. The
+trainer leaves, removing its folder, when `fedlr client`'s process (the SuperNode) is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from fedlr.errors import FedlrError
+from fedlr.wire import Parts, Refusal, TrainJob, TrainReply, reply_from_parts
+
+log = logging.getLogger("fedlr")
+SOCKET = "trainer.sock"
+KEY = "trainer.key"
+START_SECONDS = 60.0  # for the trainer to listen: its imports come after, with its first job
+
+
+class TrainerUnavailable(FedlrError):
+    """The node's trainer does not answer (not started, or gone): the ClientApp trains itself."""
+
+
+def write_frames(conn: Connection, parts: Parts) -> None:
+    from safetensors.torch import save
+
+    conn.send_bytes(json.dumps(parts.fields).encode())
+    conn.send_bytes(save({k: t.contiguous() for k, t in parts.arrays.items()}))
+
+
+def read_frames(conn: Connection) -> Parts:
+    from safetensors.torch import load
+
+    fields = json.loads(conn.recv_bytes().decode())
+    return Parts(load(conn.recv_bytes()), fields)
+
+
+# -- the trainer's side ----------------------------------------------------------------------
+
+
+def answer(request: Parts, node_config: dict[str, Any]) -> Parts:
+    """One request: a preload (the model loaded now, nothing sent back), or a job trained as
+    the ClientApp trains it; a refusal (budget, limits, bad data) is an answer too."""
+    from fedlr.client.app import preload, run_job, train_here_config
+
+    if request.fields.get("kind") == "preload":
+        preload(str(request.fields["json"]))
+        return Parts({}, {"kind": "preloaded"})
+    down = TrainJob.from_parts(request)
+    try:
+        reply = run_job(down.job, down.downlink, *train_here_config(node_config))
+    except FedlrError as exc:
+        return Refusal(down.job.client_id, str(exc)).to_parts()
+    log.info("warm trainer: client %s, round %s trained", down.job.client_id, down.job.round)
+    return reply.to_parts(train_a=True)
+
+
+def serve(folder: Path, node_config: dict[str, Any], stop: threading.Event | None = None
+          ) -> None:
+    """Answer the node's requests, one at a time, until `stop` is set (or the process ends).
+    An error of a request goes back to its asker (as `{"kind": "error"}`); the trainer goes on."""
+    listener = Listener(str(folder / SOCKET), family="AF_UNIX",
+                        authkey=(folder / KEY).read_bytes())
+    try:
+        while stop is None or not stop.is_set():
+            try:
+                conn = listener.accept()
+            except (AuthenticationError, OSError, EOFError) as exc:  # a process without the key
+                log.warning("warm trainer: refused a connection (%s)", exc)
+                continue
+            with conn:
+                try:
+                    request = read_frames(conn)
+                except (OSError, EOFError, ValueError) as exc:
+                    log.warning("warm trainer: unreadable request (%s)", exc)
+                    continue
+                try:
+                    reply = answer(request, node_config)
+                except Exception as exc:  # its asker reports it; the next round may go on
+                    log.exception("warm trainer: the request failed")
+                    reply = Parts({}, {"kind": "error", "reason": f"{type(exc).__name__}: {exc}"})
+                try:
+                    write_frames(conn, reply)
+                except OSError as exc:  # the asker left (its process was stopped)
+                    log.warning("warm trainer: the answer was not delivered (%s)", exc)
+    finally:
+        listener.close()
+
+
+def watch_parent(parent: int, folder: Path) -> None:
+    """Leave (and take the folder along) once the process that started the trainer is gone."""
+    def loop() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        shutil.rmtree(folder, ignore_errors=True)
+        os._exit(0)
+
+    threading.Thread(target=loop, daemon=True, name="fedlr-trainer-parent").start()
+
+
+def main() -> None:
+    """`python -m fedlr.client.node_trainer FOLDER NODE_CONFIG` (started by `start`; the node
+    config as `flower-supernode --node-config` takes it, read as Flower reads it)."""
+    from flwr.common.config import parse_config_args
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = Path(sys.argv[1])
+    watch_parent(os.getppid(), folder)
+    serve(folder, parse_config_args([sys.argv[2]]))
+
+
+# -- the node's side -----------------------------------------------------------------------------
+
+
+def start(node_config: str) -> Path:
+    """Start this node's trainer (a child of this process, which is about to become the
+    SuperNode) with the node's configuration (`fedlr.client.launch.node_config_text`) in a new
+    private folder; returned once it listens."""
+    folder = Path(tempfile.mkdtemp(prefix="fedlr-trainer-"))  # mode 0700, this user's only
+    key = folder / KEY
+    key.touch(mode=0o600)
+    key.write_bytes(secrets.token_bytes(32))
+    # its own session: a signal to the node's process group (Ctrl-C, a kill of the group) ends
+    # the SuperNode, and the trainer follows it within a second, cleaning up (`watch_parent`)
+    subprocess.Popen([sys.executable, "-m", "fedlr.client.node_trainer", str(folder),
+                      node_config], start_new_session=True)
+    deadline = time.monotonic() + START_SECONDS
+    while not (folder / SOCKET).exists():
+        if time.monotonic() > deadline:
+            raise FedlrError(f"the node's trainer did not start within {START_SECONDS:.0f} s; "
+                             "start the node with --no-warm to train in each round's process")
+        time.sleep(0.05)
+    return folder
+
+
+def ask(folder: Path, request: Parts) -> Parts:
+    """One request to the trainer in `folder`; TrainerUnavailable when it cannot be reached
+    (the ClientApp then does the work itself), FedlrError when it failed the request."""
+    try:
+        conn = Client(str(folder / SOCKET), family="AF_UNIX",
+                      authkey=(folder / KEY).read_bytes())
+    except OSError as exc:
+        raise TrainerUnavailable(f"no trainer at {folder} ({exc})") from None
+    with conn:
+        try:
+            write_frames(conn, request)
+            reply = read_frames(conn)
+        except (OSError, EOFError) as exc:
+            raise TrainerUnavailable(f"the trainer at {folder} left ({exc})") from None
+    if reply.fields.get("kind") == "error":
+        raise RuntimeError(f"the node's warm trainer failed: {reply.fields['reason']}")
+    return reply
+
+
+def train_remotely(folder: Path, down: TrainJob) -> TrainReply:
+    """The job trained by the node's trainer: its reply, or its refusal raised as FedlrError."""
+    reply = reply_from_parts(ask(folder, down.to_parts()), down.downlink)
+    if isinstance(reply, Refusal):
+        raise FedlrError(reply.reason)
+    return reply
+
+
+def preload_remotely(folder: Path, text: str) -> None:
+    ask(folder, Parts({}, {"kind": "preload", "json": text}))
+
+
+if __name__ == "__main__":
+    main()

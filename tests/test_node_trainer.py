@@ -1,0 +1,154 @@
+"""A deployed node's warm trainer (`fedlr.client.node_trainer`): a job it trains is the job the
+ClientApp would train in its own process, under the node's own configuration, ledger and limits
+(never the request's); only this node's processes (the folder's key) can ask it anything; the
+ClientApp trains itself when the trainer is gone; the trainer leaves with its SuperNode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import AuthenticationError, Client
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedlr.client.app import run_job, train_here
+from fedlr.client.node_trainer import (
+    KEY,
+    SOCKET,
+    ask,
+    preload_remotely,
+    serve,
+    train_remotely,
+)
+from fedlr.errors import FedlrError
+from fedlr.federation import Federation
+from fedlr.privacy.node import NodeLimits, NodeState
+from fedlr.server.coordinator import Coordinator
+from fedlr.server.rundir import RunDir
+from fedlr.settings.schema import SimulationConfig
+from fedlr.wire import Parts, TrainJob
+
+TINY = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[4], local_steps=2,
+            batch_size=8, eval_examples=16, seed=5)
+
+
+def federation(folder: Path, **dp) -> Federation:
+    return Federation.build(SimulationConfig.load(None, {**TINY, **dp, "out": str(folder)}))
+
+
+def job(fed: Federation, client: str = "0") -> TrainJob:
+    """What the server sends `client` in round 1, as the coordinator builds it."""
+    coordinator = Coordinator(fed, RunDir(fed.config.out))
+    state = fed.strategy.init_state(fed.model.host.initial_head)
+    return TrainJob(coordinator.job(client, 1), fed.strategy.downlink(state, client))
+
+
+class Trainer:
+    """`serve` in a thread of this process, in a private folder with its key."""
+
+    def __init__(self, folder: Path, node_config: dict) -> None:
+        folder.mkdir(mode=0o700)
+        (folder / KEY).write_bytes(os.urandom(32))
+        self.folder, self.stop = folder, threading.Event()
+        self.thread = threading.Thread(target=serve, args=(folder, node_config, self.stop),
+                                       daemon=True)
+        self.thread.start()
+        while not (folder / SOCKET).exists():
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.stop.set()  # seen once a connection wakes the accept
+        Client(str(self.folder / SOCKET), family="AF_UNIX",
+               authkey=(self.folder / KEY).read_bytes()).close()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "node")}
+    served = Trainer(tmp_path / "trainer", node)
+    yield served
+    served.close()
+
+
+def test_the_trainer_trains_a_job_exactly_as_the_clientapp_would(trainer, tmp_path):
+    fed = federation(tmp_path / "run")
+    down = job(fed)
+    preload_remotely(trainer.folder, "not even json")  # a bad preload is logged, not fatal
+    remote = train_remotely(trainer.folder, down)
+    local = run_job(down.job, down.downlink)
+    assert remote.num_examples == local.num_examples
+    assert remote.adapter.tensors().keys() == local.adapter.tensors().keys()
+    for name, tensor in local.adapter.tensors().items():
+        assert torch.equal(remote.adapter.tensors()[name], tensor), name
+    assert remote.metrics["train_loss"] == local.metrics["train_loss"]
+
+
+def test_the_nodes_own_limits_and_ledger_hold_whatever_the_request_says(tmp_path):
+    """The trainer reads the node's configuration from `fedlr client`, not from the job: its
+    limits refuse, and its ledger is the one written before the reply leaves."""
+    node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "node"),
+            **NodeLimits(min_noise_multiplier=0.8).node_config()}
+    served = Trainer(tmp_path / "trainer", node)
+    try:
+        weak = job(federation(tmp_path / "weak", noise_multiplier=0.3, max_grad_norm=1.0))
+        with pytest.raises(FedlrError, match=r"noise multiplier 0\.3"):
+            train_remotely(served.folder, weak)
+        assert NodeState(tmp_path / "node").load() is None  # refused before training
+        ok = job(federation(tmp_path / "ok", noise_multiplier=1.0, max_grad_norm=1.0))
+        reply = train_remotely(served.folder, ok)
+        kept = NodeState(tmp_path / "node").load()
+        assert reply.ledger is not None and kept is not None
+        assert kept.to_dict() == reply.ledger.to_dict() and kept.steps > 0
+    finally:
+        served.close()
+
+
+def test_only_a_process_with_the_folders_key_is_heard(trainer, tmp_path):
+    with pytest.raises(AuthenticationError):
+        Client(str(trainer.folder / SOCKET), family="AF_UNIX", authkey=b"x" * 32)
+    with pytest.raises(RuntimeError, match="malformed job"):  # answered, not fatal
+        ask(trainer.folder, Parts({}, {"job": "{}"}))
+    down = job(federation(tmp_path / "run"))
+    assert train_remotely(trainer.folder, down).num_examples > 0  # still serving
+
+
+def test_without_its_trainer_the_clientapp_trains_in_its_own_process(tmp_path, caplog):
+    down = job(federation(tmp_path / "run"))
+    empty = tmp_path / "gone"
+    empty.mkdir()
+    context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 3,
+                                           "trainer": str(empty)})
+    reply = train_here(down, context)
+    assert "training in this process" in caplog.text
+    local = run_job(down.job, down.downlink)
+    assert all(torch.equal(reply.adapter.tensors()[k], t)
+               for k, t in local.adapter.tensors().items())
+
+
+@pytest.mark.e2e
+def test_the_trainer_leaves_and_cleans_up_when_its_supernode_is_gone(tmp_path):
+    """`fedlr client` starts the trainer, then becomes the SuperNode: when that process ends,
+    however it ends, the trainer removes its folder and exits."""
+    code = ("import sys, time\n"
+            "from fedlr.client.node_trainer import start\n"
+            "print(start(sys.argv[1]), flush=True)\n"
+            "time.sleep(600)\n")
+    node = f'partition-id=0 num-partitions=1 state-dir="{tmp_path / "node"}"'
+    parent = subprocess.Popen([sys.executable, "-c", code, node], stdout=subprocess.PIPE,
+                              text=True)
+    folder = Path(parent.stdout.readline().strip())
+    assert (folder / SOCKET).exists() and folder.stat().st_mode & 0o077 == 0  # private
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not folder.exists()
