@@ -193,7 +193,7 @@ def plain_loop_process(args: argparse.Namespace) -> dict:
             **json.loads(out.strip().splitlines()[-1])}
 
 
-IMPORTS = ("torch", "transformers", "peft", "opacus", "flwr.clientapp", "ray", "fedlr.client.app")
+IMPORTS = ("torch", "transformers", "peft", "opacus", "flwr.clientapp", "ray", "fedlr.client.jobs")
 IMPORT_PROBE = """
 import importlib, json, psutil
 me, out = psutil.Process(), {}

@@ -1,285 +1,89 @@
-"""The Flower ClientApp: one round of local training per `train` message.
+"""The Flower ClientApp: it routes each message to what answers it.
 
-Everything a client needs to train arrives in the message (see `fedlr.wire`), and the
-frozen base and the tokenised data are loaded once per process (`fedlr.session`), so one app serves
-both a simulation of hundreds of virtual clients and a deployed edge machine. What protects the
-node's data does not come from the server: its privacy ledger and limits are the node's own
-(`fedlr.privacy.node`, set by `fedlr client`), and DP's random draws come from its OS entropy.
+On a deployed node with a warm trainer (`fedlr client`'s default), a round's job goes to the
+trainer as it came (fields and arrays) and its answer goes back as it is: Flower runs every
+message in a fresh process, and this one then imports Flower and nothing of torch. Everything
+else (a simulation's worker, a node without its trainer, a secure-aggregation stage, a batched
+group) is answered in this process by `fedlr.client.jobs`, imported when first needed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlr.adapters import Adapter
-from fedlr.client.group_training import GroupJob, GroupTrainer
-from fedlr.client.node_trainer import TrainerUnavailable, preload_remotely, train_remotely
-from fedlr.client.training import ClientOptions, LocalTrainer, TrainResult
-from fedlr.errors import ConfigError, FedlrError
-from fedlr.lora.strategies.base import ClientUpdate
-from fedlr.models.hosts import resolve_device
-from fedlr.privacy.node import SIMULATED_NODES_ENV, NodeLimits, NodeState
-from fedlr.privacy.secagg.client import respond
-from fedlr.privacy.secagg.encoding import Encoding, encode
-from fedlr.session import client_shards, local_shard, model_session
-from fedlr.wire import (
-    GROUP_FIELD,
-    PRELOAD_FIELD,
-    Job,
-    Parts,
-    Preload,
-    Refusal,
-    TrainJob,
-    TrainReply,
-    bundle,
-    unbundle,
-)
+from fedlr.client.node_trainer import TrainerUnavailable, ask, preload_remotely
+from fedlr.wire_fields import GROUP_FIELD, PRELOAD_FIELD, STAGE_FIELD
 
 app = ClientApp()
 log = logging.getLogger("fedlr")
 
 
-def node_privacy(node_config: dict[str, Any]) -> tuple[NodeState, NodeLimits]:
-    """This node's state directory and limits, from its own configuration: `fedlr client` sets
-    them in the node config; `fedlr simulate` gives each simulated node a folder of the run."""
-    folder = node_config.get("state-dir")
-    root = os.environ.get(SIMULATED_NODES_ENV)
-    if not folder and root:
-        folder = Path(root) / str(node_config["partition-id"])
-    return NodeState(Path(str(folder)) if folder else None), NodeLimits.from_node_config(
-        node_config)
+def warm_trainer(context: Context) -> Path | None:
+    """The folder of this node's warm trainer, where `fedlr client` started one."""
+    folder = context.node_config.get("trainer")
+    return Path(str(folder)) if folder else None
 
 
-def run_job(job: Job, downlink: Adapter, local_data: str | None = None,
-            state: NodeState | None = None, limits: NodeLimits | None = None) -> TrainReply:
-    """Train as the job says, on this node's own file if it has one (else on its shard of the
-    run's data, `client_shards`), within the node's limits: the trained adapter, the example
-    count and metrics, and the node's ledger, persisted before the reply leaves."""
-    model = job.model_spec()
-    session = model_session(model, job.alpha, job.train["device"])
-    spec = job.data_spec()
-    if local_data:
-        examples = local_shard(local_data, spec.task, tuple(job.labels), model, spec.max_length)
-    else:
-        examples = client_shards(spec, model).shard(int(job.client_id))
-    config = job.train_config()
-    ledger = None
-    state = state or NodeState(None)
-    if config.dp is not None:
-        ledger = state.ledger(job.ledger, config.dp.accountant, job.client_id)
-    result = LocalTrainer(session.host, config).train(
-        job.client_id,
-        downlink,
-        examples,
-        rank=job.rank,
-        train_a=job.train_a,
-        train_head=job.train_head,
-        ledger=ledger,
-        seed=job.seed,
-        limits=limits,
-    )
-    if ledger is not None:
-        state.save(ledger)  # before the reply: every round the server sees is counted
-    numbers = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
-    return TrainReply(job.client_id, result.adapter, result.num_examples, numbers, ledger)
-
-
-def run_group(downs: dict[str, TrainJob], nodes: Path, engine: str, chunk_tokens: int = 0
-              ) -> dict[str, TrainReply | Refusal]:
-    """A simulation's batched group: its clients trained together in this worker
-    (`GroupTrainer`), each within its own simulated node's privacy state, exactly as if each had
-    trained alone. Where the model is beyond the batched engine, `auto` trains them one by one."""
-    first = next(iter(downs.values())).job
-    model = first.model_spec()
-    session = model_session(model, first.alpha, first.train["device"])
-    data = client_shards(first.data_spec(), model)
-    config = first.train_config()
-    out: dict[str, TrainReply | Refusal] = {}
-    members: list[tuple[GroupJob, NodeState]] = []
-    for client, down in downs.items():
-        job, state = down.job, NodeState(nodes / client)
-        try:
-            if (job.model_spec(), job.data_spec(), job.train_config()) != (
-                    model, first.data_spec(), config):
-                raise FedlrError("a group's clients must share one model, data and training "
-                                 "configuration")
-            ledger = (state.ledger(job.ledger, config.dp.accountant, client)
-                      if config.dp is not None else None)
-            examples = data.shard(int(client))
-        except FedlrError as exc:
-            out[client] = Refusal(client, str(exc))
-            continue
-        options = ClientOptions(rank=job.rank, train_a=job.train_a, train_head=job.train_head,
-                                ledger=ledger, seed=job.seed)
-        members.append((GroupJob(client, down.downlink, examples, options), state))
-    trainer = LocalTrainer(session.host, config)
-    try:
-        results = GroupTrainer(trainer, chunk_tokens or None).train([job for job, _ in members])
-    except ConfigError as exc:
-        if engine == "batched":
-            raise
-        log.info("training the group one by one: %s", exc)
-        results = [_alone(trainer, job) for job, _ in members]
-    for (job, state), result in zip(members, results, strict=True):
-        if isinstance(result, FedlrError):
-            out[job.client_id] = Refusal(job.client_id, str(result))
-            continue
-        if job.ledger is not None:
-            state.save(job.ledger)  # before the reply: every round the server sees is counted
-        numbers = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
-        out[job.client_id] = TrainReply(job.client_id, result.adapter, result.num_examples,
-                                        numbers, job.ledger)
-    return {c: out[c] for c in downs}
-
-
-def _alone(trainer: LocalTrainer, job: GroupJob) -> TrainResult | FedlrError:
-    try:
-        return trainer.train(job.client_id, job.start, job.data, **job.options)
-    except FedlrError as exc:
-        return exc
-
-
-def records(parts: Parts) -> RecordDict:
-    """Parts as Flower carries them (the server unwraps them the same way)."""
-    return RecordDict({"arrays": ArrayRecord(torch_state_dict=parts.arrays),
-                       "fields": ConfigRecord(parts.fields)})
-
-
-def train_here_config(node_config: dict[str, Any]
-                      ) -> tuple[str | None, NodeState, NodeLimits]:
-    """`run_job`'s node arguments from the node's own configuration: its data file, state and
-    limits."""
-    state, limits = node_privacy(node_config)
-    data = node_config.get("data-path")
-    return (str(data) if data else None), state, limits
-
-
-def train_here(down: TrainJob, context: Context) -> TrainReply:
-    """Run the job on this node, within its own privacy state and limits: by the node's warm
-    trainer where `fedlr client` started one (the model and data stay loaded between rounds),
-    else in this process."""
-    node = dict(context.node_config)
-    folder = node.get("trainer")
-    if folder:
-        try:
-            return train_remotely(Path(str(folder)), down)
-        except TrainerUnavailable as exc:
-            log.warning("%s; training in this process", exc)
-    return run_job(down.job, down.downlink, *train_here_config(node))
+def relayed(content: RecordDict, trainer: Path) -> RecordDict:
+    """A job's message answered by the node's trainer, carried both ways as it is."""
+    fields, arrays = ask(trainer, dict(content["fields"]),
+                         {name: array.numpy() for name, array in content["arrays"].items()})
+    return RecordDict({
+        "arrays": ArrayRecord(array_dict={k: Array.from_numpy_ndarray(a) for k, a in
+                                          arrays.items()}),
+        "fields": ConfigRecord(fields),
+    })
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    parts = Parts(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["fields"]))
-    if "stage" in parts.fields:
-        return Message(content=records(secure_stage(parts, context)), reply_to=msg)
-    if GROUP_FIELD in parts.fields:
-        return Message(content=records(train_group(parts)), reply_to=msg)
-    down = TrainJob.from_parts(parts)
-    try:
-        reply = train_here(down, context).to_parts(train_a=down.job.train_a)
-    except FedlrError as exc:  # a refusal (budget, bad local data): the server logs the reason
-        reply = Refusal(down.job.client_id, str(exc)).to_parts()
-    return Message(content=records(reply), reply_to=msg)
-
-
-def train_group(parts: Parts) -> Parts:
-    """A batched group's message: each member's reply under its id. Only a simulated node
-    trains other clients than itself; a deployed node refuses."""
-    each = unbundle(parts)
-    root = os.environ.get(SIMULATED_NODES_ENV)
-    replies: dict[str, Parts] = {}
-    downs: dict[str, TrainJob] = {}
-    for client, p in each.items():
+    trainer = warm_trainer(context)
+    fields = msg.content["fields"]
+    if trainer is not None and STAGE_FIELD not in fields and GROUP_FIELD not in fields:
         try:
-            if not root:
-                raise FedlrError("a group of clients is trained in a simulation only; a deployed "
-                                 "node trains itself (use engine per-client)")
-            downs[client] = TrainJob.from_parts(p)
-        except FedlrError as exc:
-            replies[client] = Refusal(client, str(exc)).to_parts()
-    if downs:
+            return Message(content=relayed(msg.content, trainer), reply_to=msg)
+        except TrainerUnavailable as exc:
+            log.warning("%s; training in this process", exc)
+            trainer = None
+    from fedlr.client.jobs import answer_message
+
+    return Message(content=answer_message(msg.content, context, trainer), reply_to=msg)
+
+
+def preloaded_device(text: str, trainer: Path | None) -> str:
+    """Load the run's model where the jobs will run (the node's warm trainer, else this
+    process: a simulation's worker serves every round from it); the device it trains on."""
+    if trainer is not None:
         try:
-            done = run_group(downs, Path(str(root)), str(parts.fields.get("engine", "auto")),
-                             int(parts.fields.get("chunk_tokens", 0)))
-        except FedlrError as exc:
-            done = {c: Refusal(c, str(exc)) for c in downs}
-        for client, reply in done.items():
-            train_a = downs[client].job.train_a
-            replies[client] = (reply.to_parts(train_a=train_a) if isinstance(reply, TrainReply)
-                               else reply.to_parts())
-    return bundle({c: replies[c] for c in each})
-
-
-def secure_stage(parts: Parts, context: Context) -> Parts:
-    """One secure-aggregation stage. The round's secrets stay in this node's own context
-    between stages; in the `train` stage the node trains and encodes its part, and replies with
-    its metrics and ledger but not its example count (summed securely)."""
-    kept = dict(context.state["secagg"]) if "secagg" in context.state else {}
-    client = str(context.node_config.get("partition-id", ""))
-    extra: dict[str, Any] = {}
-
-    def part(encoding: Encoding) -> np.ndarray:
-        down = TrainJob.from_parts(parts)
-        reply = train_here(down, context)
-        update = ClientUpdate(down.job.client_id, reply.adapter, reply.num_examples)
-        extra.update(metrics=json.dumps(reply.metrics), ledger=json.dumps(
-            reply.ledger.to_dict()) if reply.ledger is not None else "")
-        return encode(encoding, update, down.downlink, np.random.default_rng())
-
-    try:
-        fields, kept = respond(parts.fields, kept, part)
-    except (FedlrError, ValueError) as exc:  # a refusal, an unfit update, a protocol breach
-        return Refusal(client, str(exc)).to_parts()
-    if kept:
-        context.state["secagg"] = ConfigRecord(kept)
-    elif "secagg" in context.state:
-        del context.state["secagg"]  # the round is over: its secrets go
-    return Parts({}, {**fields, **extra, "kind": "secagg"})
-
-
-def preload(text: str) -> None:
-    """Load the run's model session now, into the cache the jobs read. Where it cannot be
-    loaded, the node still answers: its first job will refuse with the reason."""
-    try:
-        wanted = Preload.from_json(text)
-        model_session(wanted.model_spec(), wanted.alpha, wanted.device)
-    except Exception as exc:  # its first job refuses with the reason
-        log.warning("the model was not preloaded: %s", exc)
-
-
-def preload_where_trained(text: str, trainer: Any) -> None:
-    """Preload in the process the jobs will run in: the node's warm trainer where it has one,
-    else this one (a simulation's worker serves every round from it)."""
-    if trainer:
-        try:
-            preload_remotely(Path(str(trainer)), text)
-            return
+            return preload_remotely(trainer, text)
         except TrainerUnavailable as exc:
             log.warning("%s; preloading in this process", exc)
+    from fedlr.client.jobs import device_name, preload
+
     preload(text)
+    return device_name()
 
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Which client this node is (its partition id, set when it was started) and its device;
-    first the model the server said every job will use is loaded (`Preload`)."""
+    """Which client this node is (its partition id, set when it was started) and the device it
+    trains on; first the model the server said every job will use is loaded (`Preload`)."""
     if PRELOAD_FIELD in msg.content:
-        preload_where_trained(str(msg.content[PRELOAD_FIELD]["json"]),
-                              context.node_config.get("trainer"))
+        device = preloaded_device(str(msg.content[PRELOAD_FIELD]["json"]),
+                                  warm_trainer(context))
+    else:
+        from fedlr.client.jobs import device_name
+
+        device = device_name()
     node = context.node_config
     identity = ConfigRecord({
         "partition-id": int(node["partition-id"]),
         "num-partitions": int(node["num-partitions"]),
-        "device": resolve_device().type,
+        "device": device,
         "data": str(node.get("data-path", "its partition of the run's dataset")),
     })
     return Message(content=RecordDict({"identity": identity}), reply_to=msg)

@@ -10,10 +10,12 @@ preload that comes with the node's identification) over a Unix socket in a priva
 (mode 0700, with a random key: `multiprocessing.connection`'s HMAC handshake, so only this
 node's own processes can ask it anything), and returns its answer to the server.
 
-It trains exactly as the ClientApp would (`run_job`, with the node's own configuration from
-`fedlr client`: its state directory, ledger, limits and data; never from the request), one job
-at a time. Frames carry tensors as safetensors and fields as JSON: nothing is unpickled. The
-trainer leaves, removing its folder, when `fedlr client`'s process (the SuperNode) is gone.
+It trains exactly as the ClientApp would (`fedlr.client.jobs.run_job`, with the node's own
+configuration from `fedlr client`: its state directory, ledger, limits and data; never from the
+request), one job at a time, and answers what the ClientApp sends back to the server. Frames
+carry the message's fields as JSON and its arrays as safetensors (numpy): nothing is unpickled,
+and the asking side (this module and `fedlr.client.app`) never imports torch. The trainer
+leaves, removing its folder, when `fedlr client`'s process (the SuperNode) is gone.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from multiprocessing.connection import AuthenticationError, Client, Connection, 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedlr.errors import FedlrError
-from fedlr.wire import Parts, Refusal, TrainJob, TrainReply, reply_from_parts
 
 log = logging.getLogger("fedlr")
 SOCKET = "trainer.sock"
@@ -45,38 +48,50 @@ class TrainerUnavailable(FedlrError):
     """The node's trainer does not answer (not started, or gone): the ClientApp trains itself."""
 
 
-def write_frames(conn: Connection, parts: Parts) -> None:
-    from safetensors.torch import save
-
-    conn.send_bytes(json.dumps(parts.fields).encode())
-    conn.send_bytes(save({k: t.contiguous() for k, t in parts.arrays.items()}))
+Arrays = dict[str, np.ndarray]
 
 
-def read_frames(conn: Connection) -> Parts:
-    from safetensors.torch import load
+def write_frames(conn: Connection, fields: dict[str, Any], arrays: Arrays) -> None:
+    from safetensors.numpy import save
+
+    conn.send_bytes(json.dumps(fields).encode())
+    conn.send_bytes(save({k: np.ascontiguousarray(a) for k, a in arrays.items()}))
+
+
+def read_frames(conn: Connection) -> tuple[dict[str, Any], Arrays]:
+    from safetensors.numpy import load
 
     fields = json.loads(conn.recv_bytes().decode())
-    return Parts(load(conn.recv_bytes()), fields)
+    return fields, load(conn.recv_bytes())
 
 
 # -- the trainer's side ----------------------------------------------------------------------
 
 
-def answer(request: Parts, node_config: dict[str, Any]) -> Parts:
-    """One request: a preload (the model loaded now, nothing sent back), or a job trained as
-    the ClientApp trains it; a refusal (budget, limits, bad data) is an answer too."""
-    from fedlr.client.app import preload, run_job, train_here_config
+def answer(fields: dict[str, Any], arrays: Arrays, node_config: dict[str, Any]
+           ) -> tuple[dict[str, Any], Arrays]:
+    """One request: a preload (the model loaded now; the answer names the device it trains
+    on), or a `train` message's job, answered as the ClientApp answers it (B alone where A is
+    frozen; a refusal, for the budget, limits or data, is an answer too)."""
+    import torch
 
-    if request.fields.get("kind") == "preload":
-        preload(str(request.fields["json"]))
-        return Parts({}, {"kind": "preloaded"})
-    down = TrainJob.from_parts(request)
+    from fedlr.client import jobs
+    from fedlr.wire import Parts, Refusal, TrainJob
+
+    if fields.get("kind") == "preload":
+        jobs.preload(str(fields["json"]))
+        return {"kind": "preloaded", "device": jobs.device_name()}, {}
+    down = TrainJob.from_parts(Parts({k: torch.from_numpy(a.copy()) for k, a in arrays.items()},
+                                     fields))
     try:
-        reply = run_job(down.job, down.downlink, *train_here_config(node_config))
+        reply = jobs.run_job(down.job, down.downlink, *jobs.train_here_config(node_config))
     except FedlrError as exc:
-        return Refusal(down.job.client_id, str(exc)).to_parts()
-    log.info("warm trainer: client %s, round %s trained", down.job.client_id, down.job.round)
-    return reply.to_parts(train_a=True)
+        out = Refusal(down.job.client_id, str(exc)).to_parts()
+    else:
+        log.info("warm trainer: client %s, round %s trained", down.job.client_id,
+                 down.job.round)
+        out = reply.to_parts(train_a=down.job.train_a)
+    return out.fields, {k: t.detach().cpu().numpy() for k, t in out.arrays.items()}
 
 
 def serve(folder: Path, node_config: dict[str, Any], stop: threading.Event | None = None
@@ -94,17 +109,17 @@ def serve(folder: Path, node_config: dict[str, Any], stop: threading.Event | Non
                 continue
             with conn:
                 try:
-                    request = read_frames(conn)
+                    fields, arrays = read_frames(conn)
                 except (OSError, EOFError, ValueError) as exc:
                     log.warning("warm trainer: unreadable request (%s)", exc)
                     continue
                 try:
-                    reply = answer(request, node_config)
+                    reply = answer(fields, arrays, node_config)
                 except Exception as exc:  # its asker reports it; the next round may go on
                     log.exception("warm trainer: the request failed")
-                    reply = Parts({}, {"kind": "error", "reason": f"{type(exc).__name__}: {exc}"})
+                    reply = {"kind": "error", "reason": f"{type(exc).__name__}: {exc}"}, {}
                 try:
-                    write_frames(conn, reply)
+                    write_frames(conn, *reply)
                 except OSError as exc:  # the asker left (its process was stopped)
                     log.warning("warm trainer: the answer was not delivered (%s)", exc)
     finally:
@@ -157,9 +172,9 @@ def start(node_config: str) -> Path:
     return folder
 
 
-def ask(folder: Path, request: Parts) -> Parts:
+def ask(folder: Path, fields: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
     """One request to the trainer in `folder`; TrainerUnavailable when it cannot be reached
-    (the ClientApp then does the work itself), FedlrError when it failed the request."""
+    (the ClientApp then does the work itself), RuntimeError when it failed the request."""
     try:
         conn = Client(str(folder / SOCKET), family="AF_UNIX",
                       authkey=(folder / KEY).read_bytes())
@@ -167,25 +182,18 @@ def ask(folder: Path, request: Parts) -> Parts:
         raise TrainerUnavailable(f"no trainer at {folder} ({exc})") from None
     with conn:
         try:
-            write_frames(conn, request)
-            reply = read_frames(conn)
+            write_frames(conn, fields, arrays)
+            reply, out = read_frames(conn)
         except (OSError, EOFError) as exc:
             raise TrainerUnavailable(f"the trainer at {folder} left ({exc})") from None
-    if reply.fields.get("kind") == "error":
-        raise RuntimeError(f"the node's warm trainer failed: {reply.fields['reason']}")
-    return reply
+    if reply.get("kind") == "error":
+        raise RuntimeError(f"the node's warm trainer failed: {reply['reason']}")
+    return reply, out
 
 
-def train_remotely(folder: Path, down: TrainJob) -> TrainReply:
-    """The job trained by the node's trainer: its reply, or its refusal raised as FedlrError."""
-    reply = reply_from_parts(ask(folder, down.to_parts()), down.downlink)
-    if isinstance(reply, Refusal):
-        raise FedlrError(reply.reason)
-    return reply
-
-
-def preload_remotely(folder: Path, text: str) -> None:
-    ask(folder, Parts({}, {"kind": "preload", "json": text}))
+def preload_remotely(folder: Path, text: str) -> str:
+    """The run's model loaded in the trainer; the device it trains on."""
+    return str(ask(folder, {"kind": "preload", "json": text}, {})[0]["device"])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ simulation and a deployment. Up: a `TrainReply` (the trained factors, B alone wh
 the example count, metrics, and the node's own ledger) or a `Refusal` with its reason.
 
 Each message becomes `Parts` (tensors and scalar fields) and back; the Flower glue on each side
-only wraps Parts in a RecordDict (`fedlr.client.app`, `fedlr.server.coordinator`). A reply that
+only wraps Parts in a RecordDict (`fedlr.client.jobs`, `fedlr.server.transport`). A reply that
 does not decode raises `WireError`, which the server records as a malformed reply.
 """
 
@@ -25,9 +25,9 @@ from fedlr.adapters import Adapter, adapter_from_tensors
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.privacy.sample_level import PrivacyLedger
 from fedlr.settings.specs import DataSpec, DPConfig, ModelSpec, TrainConfig
+from fedlr.wire_fields import GROUP_FIELD
 
 Scalar = str | int | float | bool | bytes
-PRELOAD_FIELD = "preload"  # the identify query's record that carries a `Preload`
 
 
 class WireError(FedlrError):
@@ -205,7 +205,6 @@ def reply_from_parts(parts: Parts, start: Adapter | None = None) -> TrainReply |
     return TrainReply(client, adapter, n, metrics, ledger)
 
 
-GROUP_FIELD = "group"
 PACKED_FIELD = "packed"  # which tensor of a bundle's packed buffers is whose, in order
 
 

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 
 from fedlr.errors import FedlrError
 from fedlr.server.transport import exchange
-from fedlr.wire import PRELOAD_FIELD, Preload
+from fedlr.wire import Preload
+from fedlr.wire_fields import PRELOAD_FIELD
 
 log = logging.getLogger("fedlr")
 QUERY_TIMEOUT_SECONDS = 60.0

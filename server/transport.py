@@ -14,7 +14,8 @@ from flwr.serverapp import Grid
 
 from fedlr.grouping import Grouping
 from fedlr.lora.rounds import Rejection
-from fedlr.wire import GROUP_FIELD, Parts, WireError, bundle, unbundle
+from fedlr.wire import Parts, WireError, bundle, unbundle
+from fedlr.wire_fields import GROUP_FIELD
 
 # Flower's grids look for replies every 0.1 s (simulation) or every 3 s (deployment), so every
 # exchange ended on average 0.05 s or 1.5 s after its last reply arrived. Pulling starts at

@@ -322,7 +322,7 @@ def test_secure_aggregation_trains_client_by_client_under_auto():
 
 def test_a_deployed_node_refuses_to_train_a_group(monkeypatch):
     """Only a simulated node (whose nodes folder the simulation set) trains other clients."""
-    from fedlr.client.app import train_group
+    from fedlr.client.jobs import train_group
     from fedlr.privacy.node import SIMULATED_NODES_ENV
     from fedlr.wire import Parts, bundle, unbundle
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fedlr.client.app import run_job
+from fedlr.client.jobs import run_job
 from fedlr.data.sources import load_local
 from fedlr.errors import ConfigError
 from fedlr.federation import Federation

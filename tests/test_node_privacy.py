@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from fedlr.adapters import Adapter
-from fedlr.client.app import run_job
+from fedlr.client.jobs import run_job
 from fedlr.client.samplers import PoissonBatches
 from fedlr.client.step_engines import DPPlan
 from fedlr.client.training import LocalTrainer

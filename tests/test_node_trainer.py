@@ -1,10 +1,12 @@
 """A deployed node's warm trainer (`fedlr.client.node_trainer`): a job it trains is the job the
 ClientApp would train in its own process, under the node's own configuration, ledger and limits
-(never the request's); only this node's processes (the folder's key) can ask it anything; the
-ClientApp trains itself when the trainer is gone; the trainer leaves with its SuperNode."""
+(never the request's), and the ClientApp relays its answer without importing torch; only this
+node's processes (the folder's key) can ask it anything; the ClientApp trains itself when the
+trainer is gone; the trainer leaves with its SuperNode."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,23 +18,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedlr.client.app import run_job, train_here
-from fedlr.client.node_trainer import (
-    KEY,
-    SOCKET,
-    ask,
-    preload_remotely,
-    serve,
-    train_remotely,
-)
+from fedlr.client.app import relayed
+from fedlr.client.jobs import run_job, train_here, train_remotely
+from fedlr.client.node_trainer import KEY, SOCKET, ask, preload_remotely, serve
 from fedlr.errors import FedlrError
 from fedlr.federation import Federation
 from fedlr.privacy.node import NodeLimits, NodeState
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
 from fedlr.settings.schema import SimulationConfig
-from fedlr.wire import Parts, TrainJob
+from fedlr.wire import TrainJob, reply_from_parts
 
 TINY = dict(strategy="ffa", model="tiny", num_clients=3, rounds=2, ranks=[4], local_steps=2,
             batch_size=8, eval_examples=16, seed=5)
@@ -63,11 +60,17 @@ class Trainer:
             time.sleep(0.01)
 
     def close(self) -> None:
-        self.stop.set()  # seen once a connection wakes the accept
-        Client(str(self.folder / SOCKET), family="AF_UNIX",
-               authkey=(self.folder / KEY).read_bytes()).close()
+        self.stop.set()  # seen after the request being answered, or once a connection wakes
+        with contextlib.suppress(OSError):  # the accept; refused where the loop saw it already
+            Client(str(self.folder / SOCKET), family="AF_UNIX",
+                   authkey=(self.folder / KEY).read_bytes()).close()
         self.thread.join(timeout=10)
         assert not self.thread.is_alive()
+
+
+def trained_alike(a, b) -> bool:
+    ta, tb = a.adapter.tensors(), b.adapter.tensors()
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 @pytest.fixture
@@ -81,14 +84,22 @@ def trainer(tmp_path):
 def test_the_trainer_trains_a_job_exactly_as_the_clientapp_would(trainer, tmp_path):
     fed = federation(tmp_path / "run")
     down = job(fed)
-    preload_remotely(trainer.folder, "not even json")  # a bad preload is logged, not fatal
+    assert preload_remotely(trainer.folder, "not even json") == "cpu"  # logged, not fatal
     remote = train_remotely(trainer.folder, down)
     local = run_job(down.job, down.downlink)
     assert remote.num_examples == local.num_examples
-    assert remote.adapter.tensors().keys() == local.adapter.tensors().keys()
-    for name, tensor in local.adapter.tensors().items():
-        assert torch.equal(remote.adapter.tensors()[name], tensor), name
+    assert trained_alike(remote, local)
     assert remote.metrics["train_loss"] == local.metrics["train_loss"]
+    # what the ClientApp relays is what it would have answered itself (B alone: A is frozen)
+    parts = down.to_parts()
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=parts.arrays),
+                          "fields": ConfigRecord(parts.fields)})
+    answer = relayed(content, trainer.folder)
+    own = local.to_parts(train_a=down.job.train_a)
+    assert set(answer["arrays"]) == set(own.arrays) and not down.job.train_a
+    carried = reply_from_parts(
+        type(own)(answer["arrays"].to_torch_state_dict(), dict(answer["fields"])), down.downlink)
+    assert trained_alike(carried, local)
 
 
 def test_the_nodes_own_limits_and_ledger_hold_whatever_the_request_says(tmp_path):
@@ -115,7 +126,7 @@ def test_only_a_process_with_the_folders_key_is_heard(trainer, tmp_path):
     with pytest.raises(AuthenticationError):
         Client(str(trainer.folder / SOCKET), family="AF_UNIX", authkey=b"x" * 32)
     with pytest.raises(RuntimeError, match="malformed job"):  # answered, not fatal
-        ask(trainer.folder, Parts({}, {"job": "{}"}))
+        ask(trainer.folder, {"job": "{}"}, {})
     down = job(federation(tmp_path / "run"))
     assert train_remotely(trainer.folder, down).num_examples > 0  # still serving
 
@@ -124,13 +135,21 @@ def test_without_its_trainer_the_clientapp_trains_in_its_own_process(tmp_path, c
     down = job(federation(tmp_path / "run"))
     empty = tmp_path / "gone"
     empty.mkdir()
-    context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 3,
-                                           "trainer": str(empty)})
-    reply = train_here(down, context)
+    context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 3})
+    reply = train_here(down, context, empty)
     assert "training in this process" in caplog.text
-    local = run_job(down.job, down.downlink)
-    assert all(torch.equal(reply.adapter.tensors()[k], t)
-               for k, t in local.adapter.tensors().items())
+    assert trained_alike(reply, run_job(down.job, down.downlink))
+
+
+@pytest.mark.e2e
+def test_the_clientapp_that_relays_to_its_trainer_never_imports_torch():
+    """What a deployed node's per-round process loads before it hands the job over."""
+    code = ("import sys\nimport fedlr.client.app\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus')"
+            " if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.e2e

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlr.client.app import preload
+from fedlr.client.jobs import preload
 from fedlr.federation import Federation
 from fedlr.server.coordinator import Coordinator, preload_for
 from fedlr.server.nodes import NodeDirectory
@@ -24,7 +24,8 @@ from fedlr.server.timeline import Timeline
 from fedlr.session import model_session
 from fedlr.settings.schema import SimulationConfig
 from fedlr.settings.specs import ModelSpec, TrainConfig
-from fedlr.wire import PRELOAD_FIELD, Preload, WireError
+from fedlr.wire import Preload, WireError
+from fedlr.wire_fields import PRELOAD_FIELD
 
 
 @pytest.fixture(scope="module")

@@ -5,5 +5,5 @@ Flower-free, like the strategies: `crypto` (key agreement, mask expansion, Shami
 authenticated encryption of shares, on Flower's and `cryptography`'s primitives), `graph` (who
 shares with whom), `encoding` (fixed-point encoding of what a strategy sums), `client` (a
 client's four stages) and `server` (the round driver and the unmasking). The Flower glue only
-carries `Parts` (`fedlr.client.app`, `fedlr.server.coordinator`).
+carries `Parts` (`fedlr.client.jobs`, `fedlr.server.coordinator`).
 """

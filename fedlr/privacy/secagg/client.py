@@ -25,6 +25,7 @@ import numpy as np
 from fedlr.client_ids import client_order
 from fedlr.privacy.secagg import crypto
 from fedlr.privacy.secagg.encoding import Encoding
+from fedlr.wire_fields import STAGE_FIELD
 
 Kept = dict[str, Any]
 
@@ -37,7 +38,7 @@ def respond(message: dict[str, Any], kept: Kept, part: Callable[[Encoding], np.n
             ) -> tuple[dict[str, Any], Kept]:
     """Answer one stage message; `part` trains and encodes (called in the `train` stage only).
     Raises ProtocolError for a message that does not belong to the round this client is in."""
-    stage = message["stage"]
+    stage = message[STAGE_FIELD]
     if stage == "train":
         setup = json.loads(message["secagg"])
         return advertise(setup, part(Encoding.from_json(setup["encoding"])))

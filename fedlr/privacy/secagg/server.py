@@ -29,6 +29,7 @@ from fedlr.privacy.secagg import crypto
 from fedlr.privacy.secagg.encoding import Encoding, decode
 from fedlr.privacy.secagg.graph import degree, neighbourhoods, threshold
 from fedlr.privacy.secagg.settings import SecAggSettings
+from fedlr.wire_fields import STAGE_FIELD
 
 Fields = dict[str, Any]
 Exchange = Callable[[str, dict[str, Fields]], dict[str, Fields | Rejection]]
@@ -45,7 +46,7 @@ class _Stage:
     def run(self, stage: str, messages: dict[str, Fields],
             check: Callable[[str, Fields], str | None]) -> dict[str, Fields]:
         started = time.perf_counter()
-        replies = self.exchange(stage, {c: {**m, "stage": stage, "round": self.round}
+        replies = self.exchange(stage, {c: {**m, STAGE_FIELD: stage, "round": self.round}
                                          for c, m in messages.items()})
         self.seconds[stage] = time.perf_counter() - started
         good = {}
