@@ -42,6 +42,9 @@ log = logging.getLogger("fedlr")
 SOCKET = "trainer.sock"
 KEY = "trainer.key"
 START_SECONDS = 60.0  # for the trainer to listen: its imports come after, with its first job
+# Flower gives a node one message at a time; a request that arrives while the trainer is busy
+# (its asker was stopped and the next message came) waits its turn, never trains beside it
+BACKLOG = 8
 
 
 class TrainerUnavailable(FedlrError):
@@ -98,7 +101,7 @@ def serve(folder: Path, node_config: dict[str, Any], stop: threading.Event | Non
           ) -> None:
     """Answer the node's requests, one at a time, until `stop` is set (or the process ends).
     An error of a request goes back to its asker (as `{"kind": "error"}`); the trainer goes on."""
-    listener = Listener(str(folder / SOCKET), family="AF_UNIX",
+    listener = Listener(str(folder / SOCKET), family="AF_UNIX", backlog=BACKLOG,
                         authkey=(folder / KEY).read_bytes())
     try:
         while stop is None or not stop.is_set():
@@ -178,8 +181,8 @@ def ask(folder: Path, fields: dict[str, Any], arrays: Arrays) -> tuple[dict[str,
     try:
         conn = Client(str(folder / SOCKET), family="AF_UNIX",
                       authkey=(folder / KEY).read_bytes())
-    except OSError as exc:
-        raise TrainerUnavailable(f"no trainer at {folder} ({exc})") from None
+    except (OSError, EOFError, AuthenticationError) as exc:
+        raise TrainerUnavailable(f"no trainer at {folder} ({exc!r})") from None
     with conn:
         try:
             write_frames(conn, fields, arrays)
