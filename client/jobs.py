@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +204,16 @@ def answer_train(parts: Parts, context: Context, trainer: Path | None) -> Parts:
         return secure_stage(parts, context, trainer)
     if GROUP_FIELD in parts.fields:
         return train_group(parts)
+    return job_answer(parts, lambda down: train_here(down, context, trainer))
+
+
+def job_answer(parts: Parts, train: Callable[[TrainJob], TrainReply]) -> Parts:
+    """One job's answer, as the server gets it: the reply (B alone where A is frozen), or the
+    refusal with its reason (budget, limits, bad local data), which the server logs."""
     down = TrainJob.from_parts(parts)
     try:
-        return train_here(down, context, trainer).to_parts(train_a=down.job.train_a)
-    except FedlrError as exc:  # a refusal (budget, bad local data): the server logs the reason
+        return train(down).to_parts(train_a=down.job.train_a)
+    except FedlrError as exc:
         return Refusal(down.job.client_id, str(exc)).to_parts()
 
 

@@ -79,21 +79,20 @@ def answer(fields: dict[str, Any], arrays: Arrays, node_config: dict[str, Any]
     import torch
 
     from fedlr.client import jobs
-    from fedlr.wire import Parts, Refusal, TrainJob
+    from fedlr.wire import Parts, TrainJob, TrainReply
 
     if fields.get("kind") == "preload":
         jobs.preload(str(fields["json"]))
         return {"kind": "preloaded", "device": jobs.device_name()}, {}
-    down = TrainJob.from_parts(Parts({k: torch.from_numpy(a.copy()) for k, a in arrays.items()},
-                                     fields))
-    try:
+
+    def trained(down: TrainJob) -> TrainReply:
         reply = jobs.run_job(down.job, down.downlink, *jobs.train_here_config(node_config))
-    except FedlrError as exc:
-        out = Refusal(down.job.client_id, str(exc)).to_parts()
-    else:
         log.info("warm trainer: client %s, round %s trained", down.job.client_id,
                  down.job.round)
-        out = reply.to_parts(train_a=down.job.train_a)
+        return reply
+
+    out = jobs.job_answer(Parts({k: torch.from_numpy(a.copy()) for k, a in arrays.items()},
+                                fields), trained)
     return out.fields, {k: t.detach().cpu().numpy() for k, t in out.arrays.items()}
 
 
