@@ -44,7 +44,7 @@ from fedlr.server.grouping import count_workers
 from fedlr.server.nodes import NodeDirectory
 from fedlr.server.records import evaluates, round_record
 from fedlr.server.rundir import RunDir
-from fedlr.server.transport import Transport
+from fedlr.server.transport import InFlight, Transport
 from fedlr.session import ModelSession
 from fedlr.settings.schema import SimulationConfig
 from fedlr.wire import (
@@ -73,6 +73,7 @@ class Coordinator:
     run: RunDir
     on_round: Callable[[dict[str, Any]], None] = lambda record: None
     grouping: Grouping | None = None  # a simulation's batched engine; deployed: None
+    in_flight: InFlight | None = None  # a simulation's (`fedlr.server.transport.InFlight`)
     privacy: RunPrivacy = field(init=False)
     preload: Preload = field(init=False)  # what every job asks its node to load
 
@@ -153,7 +154,8 @@ class Coordinator:
         clients = sample_clients(config.client_ids(), config.sampled_per_round, round_,
                                  seed=config.seed, private_sampling=dp and dp.sampling)
         plan = plan_round(strategy, state, clients, reachable=nodes)
-        transport = Transport(grid, nodes, config.round_timeout, self.grouping)
+        transport = Transport(grid, nodes, config.round_timeout, self.grouping,
+                              in_flight=self.in_flight)
         if self.grouping is not None:
             transport.groups = self.grouping.split(sorted(plan.downlinks, key=client_order),
                                                    count_workers(config))
@@ -262,7 +264,7 @@ class Coordinator:
             sent = {c: Parts(jobs[c].arrays if stage == "train" else {},
                              {**(jobs[c].fields if stage == "train" else {}), **m})
                     for c, m in messages.items()}
-            for client, reply in transport.send(sent).items():
+            for client, reply in transport.send(sent, training=stage == "train").items():
                 if isinstance(reply, Rejection):
                     out[client] = reply
                     continue

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlr.errors import FedlrError
-from fedlr.server.transport import exchange
+from fedlr.server.transport import InFlight, exchange
 from fedlr.wire import Preload
 from fedlr.wire_fields import PRELOAD_FIELD
 
@@ -32,6 +32,7 @@ class NodeDirectory:
     clients: dict[str, int] = field(default_factory=dict)  # client id -> node id
     ignored: dict[int, str] = field(default_factory=dict)  # node id -> why it is not a client
     preload: Preload | None = None  # what each node loads before it answers
+    in_flight: InFlight | None = None  # a simulation's; deployed: every query at once
 
     def refresh(self, grid: Grid) -> None:
         """Forget nodes that went offline and identify the ones that appeared."""
@@ -43,7 +44,8 @@ class NodeDirectory:
             return
         queries = [Message(content=self.query(), dst_node_id=n, message_type="query")
                    for n in new]
-        for reply in exchange(grid, queries, QUERY_TIMEOUT_SECONDS):
+        window = None if self.in_flight is None else self.in_flight.limit(training=False)
+        for reply in exchange(grid, queries, QUERY_TIMEOUT_SECONDS, window=window):
             self.register(reply)
 
     def query(self) -> RecordDict:

@@ -35,7 +35,7 @@ from fedlr.models.sources import resolve_source
 from fedlr.privacy.node import SIMULATED_NODES_ENV
 from fedlr.server.coordinator import Coordinator, preload_for
 from fedlr.server.export import export_peft, final_adapter
-from fedlr.server.grouping import grouping_for
+from fedlr.server.grouping import count_workers, grouping_for
 from fedlr.server.nodes import NodeDirectory
 from fedlr.server.ray_cluster import (
     RayStart,
@@ -45,6 +45,7 @@ from fedlr.server.ray_cluster import (
 from fedlr.server.report import evaluation_note, plot, summary_table
 from fedlr.server.rundir import RunDir
 from fedlr.server.timeline import Timeline
+from fedlr.server.transport import InFlight
 from fedlr.session import ModelSession, pack_shards
 from fedlr.settings.schema import PLACEMENT_SETTINGS, SimulationConfig
 from fedlr.wire import Preload
@@ -220,14 +221,17 @@ def run_flower(config: SimulationConfig, build: FederationBuild, run: RunDir, cl
                             description=f"{config.strategy}: round {record['round']} {shown}")
 
         def rounds(grid: Grid) -> None:
+            in_flight = InFlight(count_workers(config), config.num_clients)
             with timeline.span("nodes"):
-                directory = NodeDirectory(config.num_clients, preload=build.preload.result())
+                directory = NodeDirectory(config.num_clients, preload=build.preload.result(),
+                                          in_flight=in_flight)
                 directory.wait(grid, seconds=config.connect_timeout,
                                at_least=config.min_valid_updates)
             with timeline.span("federation wait"):
                 fed = build.federation.result()
             coordinator = Coordinator(fed, run, on_round=on_round,
-                                      grouping=grouping_for(config, fed.model.host))
+                                      grouping=grouping_for(config, fed.model.host),
+                                      in_flight=in_flight)
             with timeline.span("rounds"):
                 state = coordinator.run_rounds(grid, resume, directory)
             with timeline.span("export"):

@@ -23,15 +23,22 @@ from fedlr.wire_fields import GROUP_FIELD
 # milliseconds, a long one costs at most 1 / POLL_MAX_SECONDS pulls a second.
 POLL_FIRST_SECONDS = 0.002
 POLL_MAX_SECONDS = 0.05
+IN_FLIGHT_PER_WORKER = 8
+SCAN_BUDGET = 40_000  # node-by-message checks a look of Flower's simulation engine may cost
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
              sleep: Callable[[float], None] = time.sleep,
-             clock: Callable[[], float] = time.monotonic) -> list[Message]:
+             clock: Callable[[], float] = time.monotonic,
+             window: int | None = None) -> list[Message]:
     """`Grid.send_and_receive`'s contract (push every message, then the replies that arrive
     until all are in or `timeout` seconds pass; None waits for all), noticing the last reply
-    within POLL_MAX_SECONDS."""
-    pending = set(grid.push_messages(messages))
+    within POLL_MAX_SECONDS. `window`: at most that many messages unanswered at once, the next
+    pushed as replies come (see `InFlight`); None pushes them all at once."""
+    queue = list(messages)
+    window = len(queue) if window is None else max(1, window)
+    pending = set(grid.push_messages(queue[:window]))
+    queue = queue[window:]
     deadline = None if timeout is None else clock() + timeout
     replies: list[Message] = []
     wait = POLL_FIRST_SECONDS
@@ -39,12 +46,35 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
+        if queue and len(pending) < window:
+            more, queue = queue[:window - len(pending)], queue[window - len(pending):]
+            pending |= set(grid.push_messages(more))
         left = None if deadline is None else deadline - clock()
         if not pending or (left is not None and left <= 0):
             break
         sleep(wait if left is None else min(wait, left))
         wait = min(POLL_MAX_SECONDS, 2 * wait)
     return replies
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """How many messages a simulation leaves unanswered at once (`exchange`'s window).
+
+    Flower's simulation engine looks for every node's messages every 0.1 s, and each look
+    scans every stored message: n messages for n nodes cost O(n^2) a look, and a training
+    exchange lasts many looks (at 200 clients a third of the driver's core, taken from the
+    workers). A training exchange therefore keeps IN_FLIGHT_PER_WORKER messages per worker out
+    (a worker answers one at a time, so these keep it busy). A short exchange (identifying the
+    nodes, the secure-aggregation stages after training) is over within a few looks and goes at
+    once, unless so many nodes would make even those looks long (SCAN_BUDGET)."""
+
+    workers: int
+    nodes: int
+
+    def limit(self, training: bool) -> int:
+        busy = IN_FLIGHT_PER_WORKER * self.workers
+        return busy if training else max(busy, SCAN_BUDGET // max(1, self.nodes))
 
 
 def records(parts: Parts) -> RecordDict:
@@ -79,11 +109,14 @@ class Transport:
     timeout: float | None
     grouping: Grouping | None = None
     groups: list[list[str]] = field(default_factory=list)
+    in_flight: InFlight | None = None  # a simulation's; deployed: every message at once
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0  # waiting for the nodes: their training and Flower's carrying
 
-    def send(self, parts: dict[str, Parts]) -> dict[str, Parts | Rejection]:
+    def send(self, parts: dict[str, Parts], training: bool = True
+             ) -> dict[str, Parts | Rejection]:
+        """`training`: the messages make their nodes train (long), or not (a short stage)."""
         carried = self._carried(parts)
         messages = []
         for carrier, (p, _) in carried.items():
@@ -92,7 +125,8 @@ class Transport:
             messages.append(Message(content=content, dst_node_id=self.nodes[carrier],
                                     message_type="train"))
         started = time.perf_counter()
-        replies = exchange(self.grid, messages, self.timeout)
+        window = None if self.in_flight is None else self.in_flight.limit(training)
+        replies = exchange(self.grid, messages, self.timeout, window=window)
         self.seconds += time.perf_counter() - started
         # by the message answered: Flower's own error replies (node offline) come from the
         # SuperLink, not from the node; the grid gave each message its id when it pushed it

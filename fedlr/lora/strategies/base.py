@@ -269,6 +269,24 @@ class Strategy(ABC):
     def downlink(self, state: GlobalState, client_id: str, since_round: int = 0) -> Adapter:
         """What client `client_id` starts its local training from, in its own LoRA scaling."""
         rank = self.spec.ranks[client_id]
+        lora, energy = self.fitted(state, rank)
+        meta = {"round": state.round, "client_id": client_id, "rank": rank}
+        if energy:
+            meta["energy_kept_min"] = min(energy.values())
+        return Adapter(lora=dict(lora), extras=dict(state.extras), meta=meta)
+
+    def fitted(self, state: GlobalState, rank: int
+               ) -> tuple[dict[str, LoraFactors], dict[str, float]]:
+        """The factors every client of rank `rank` starts from, and the energy of each module
+        that fitting to the rank kept. A round plans hundreds of downlinks from one state, so
+        each rank's are computed once: kept while the state and its modules are the same
+        objects (states are never changed in place; each round makes a new one)."""
+        modules = tuple(state.lora.values())
+        memo = self.__dict__.setdefault("_fitted", {})
+        hit = memo.get(rank)
+        if hit is not None and hit[0] is state and len(hit[1]) == len(modules) and all(
+                a is b for a, b in zip(hit[1], modules, strict=True)):
+            return hit[2], hit[3]
         scaling = self.spec.scaling(rank)
         lora, energy = {}, {}
         for name, g in state.lora.items():
@@ -277,10 +295,8 @@ class Strategy(ABC):
             if part is not g:
                 total = frobenius_norm(g)
                 energy[name] = 1.0 if total == 0 else (frobenius_norm(part) / total) ** 2
-        meta = {"round": state.round, "client_id": client_id, "rank": rank}
-        if energy:
-            meta["energy_kept_min"] = min(energy.values())
-        return Adapter(lora=lora, extras=dict(state.extras), meta=meta)
+        memo[rank] = (state, modules, lora, energy)
+        return lora, energy
 
     def starting_adapter(self, state: GlobalState, client_id: str) -> Adapter:
         """The LoRA and extras a client starts local training from (no base update to merge):
