@@ -506,3 +506,26 @@ def test_a_plans_start_is_the_strategys_starting_adapter(name, hetero):
         assert all(torch.equal(got[k], expected[k]) for k in got)
         assert {n: f.scaling for n, f in start.lora.items()} == {
             n: f.scaling for n, f in strategy.starting_adapter(state, client).lora.items()}
+
+
+@SETTINGS
+@given(seed=seeds, ranks=rank_lists, name=st.sampled_from(["fedit", "ffa", "fair", "fedsvd"]),
+       method=hetero)
+def test_downlinks_are_fitted_from_the_state_they_are_asked_for(seed, ranks, name, method):
+    """A strategy fits each rank's downlink once per state: asked again for an earlier state,
+    or for a state whose module was replaced, it answers as a strategy that never saw another."""
+    strategy, previous, state, _, _ = run_rounds(name, seed, ranks, rounds=2, hetero=method)
+
+    def same(s: GlobalState) -> None:
+        fresh = make_strategy(name, strategy.spec, seed=seed, hetero=method)
+        for cid in strategy.spec.ranks:
+            got, want = strategy.downlink(s, cid), fresh.downlink(s, cid)
+            assert got.meta == want.meta
+            assert got.tensors().keys() == want.tensors().keys()
+            assert all(torch.equal(got.tensors()[k], want.tensors()[k]) for k in got.tensors())
+
+    for s in (state, previous, state):
+        same(s)
+    module = next(iter(state.lora))
+    state.lora[module] = LowRank(2 * state.lora[module].B, state.lora[module].A)
+    same(state)
