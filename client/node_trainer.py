@@ -41,6 +41,7 @@ from fedlr.errors import FedlrError
 log = logging.getLogger("fedlr")
 SOCKET = "trainer.sock"
 KEY = "trainer.key"
+READY = "trainer.ready"  # written once the socket listens (it exists, refusing, a moment before)
 START_SECONDS = 60.0  # for the trainer to listen: its imports come after, with its first job
 # Flower gives a node one message at a time; a request that arrives while the trainer is busy
 # (its asker was stopped and the next message came) waits its turn, never trains beside it
@@ -102,6 +103,7 @@ def serve(folder: Path, node_config: dict[str, Any], stop: threading.Event | Non
     An error of a request goes back to its asker (as `{"kind": "error"}`); the trainer goes on."""
     listener = Listener(str(folder / SOCKET), family="AF_UNIX", backlog=BACKLOG,
                         authkey=(folder / KEY).read_bytes())
+    (folder / READY).touch()
     try:
         while stop is None or not stop.is_set():
             try:
@@ -166,7 +168,7 @@ def start(node_config: str) -> Path:
     subprocess.Popen([sys.executable, "-m", "fedlr.client.node_trainer", str(folder),
                       node_config], start_new_session=True)
     deadline = time.monotonic() + START_SECONDS
-    while not (folder / SOCKET).exists():
+    while not (folder / READY).exists():
         if time.monotonic() > deadline:
             raise FedlrError(f"the node's trainer did not start within {START_SECONDS:.0f} s; "
                              "start the node with --no-warm to train in each round's process")

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedlr.client.app import relayed
 from fedlr.client.jobs import run_job, train_here, train_remotely
-from fedlr.client.node_trainer import KEY, SOCKET, ask, preload_remotely, serve
+from fedlr.client.node_trainer import KEY, READY, SOCKET, ask, preload_remotely, serve
 from fedlr.errors import FedlrError
 from fedlr.federation import Federation
 from fedlr.privacy.node import NodeLimits, NodeState
@@ -56,7 +56,7 @@ class Trainer:
         self.thread = threading.Thread(target=serve, args=(folder, node_config, self.stop),
                                        daemon=True)
         self.thread.start()
-        while not (folder / SOCKET).exists():
+        while not (folder / READY).exists():
             time.sleep(0.01)
 
     def close(self) -> None:
