@@ -46,10 +46,10 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
-        if queue and len(pending) < window:
+        left = None if deadline is None else deadline - clock()
+        if queue and len(pending) < window and (left is None or left > 0):
             more, queue = queue[:window - len(pending)], queue[window - len(pending):]
             pending |= set(grid.push_messages(more))
-        left = None if deadline is None else deadline - clock()
         if not pending or (left is not None and left <= 0):
             break
         sleep(wait if left is None else min(wait, left))

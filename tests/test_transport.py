@@ -138,3 +138,11 @@ def test_a_simulation_trains_a_few_per_worker_and_sends_short_stages_at_once_unl
     # every node's message at once while a look of Flower's engine stays within the budget
     assert (short >= nodes) == (nodes * nodes <= SCAN_BUDGET or busy >= nodes)
     assert short == busy or short * nodes <= SCAN_BUDGET
+
+
+def test_nothing_more_is_pushed_once_the_deadline_has_passed():
+    # one slot; message 0 is answered exactly at the deadline: message 1 would train for a
+    # reply that nobody waits for (and spend its node's privacy budget), so it stays unsent
+    replies, grid, clock = run([1.0, 0.1], timeout=1.0, window=1)
+    assert replies == ["m0"] and "m1" not in grid.pushed
+    assert clock.now == pytest.approx(1.0)
