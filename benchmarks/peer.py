@@ -18,8 +18,10 @@ clients x rounds), the ratio peer / fedlr, and where the time goes: fedlr's metr
 the rounds and its phases from fedlr's timeline.json (`phase ...`; they overlap, see
 fedlr.server.timeline), and the peer's client times, each summed over the rounds, per
 client-round and as a fraction of the job's wall time. Client times are worker-seconds: the
-workers run in parallel, so their fractions can add up to more than 1. Writes
-benchmarks/results/peer.json and peer.png, and prints a table.
+workers run in parallel, so their fractions can add up to more than 1. For each fedlr run also
+the CPU seconds its processes (driver, Ray's services, workers) spent before round 1 began
+(`start_up_cpu`): spread over the machine's cores, the least time any start-up of that work can
+take (`floor`). Writes benchmarks/results/peer.json and peer.png, and prints a table.
 
 Run: python benchmarks/peer.py [--clients 20 --rounds 2] [--dp | --no-dp] (default: both)
 """
@@ -33,6 +35,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +44,7 @@ import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
+from simulation import role
 
 from fedlr.precision import native_bf16
 from fedlr.run_metrics import METRICS_FILE, read_metrics
@@ -72,14 +76,55 @@ def fedlr_settings(clients: int, rounds: int, dp: bool, engine: str = "per-clien
     return settings
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Wall seconds of a fresh process, and its stdout."""
+class TreeCPU:
+    """CPU seconds of a process and its descendants, sampled every 0.2 s (a process that ends
+    between two samples is missed: Ray's short-lived helpers)."""
+
+    def __init__(self, pid: int) -> None:
+        self.root, self.running = psutil.Process(pid), True
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            row = {}
+            try:
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    try:
+                        cpu = proc.cpu_times()
+                        row[proc.pid] = (role(proc), cpu.user + cpu.system)
+                    except psutil.Error:
+                        continue
+            except psutil.Error:
+                break
+            self.samples.append((time.time(), row))
+            time.sleep(0.2)
+
+    def by_role_before(self, moment: float) -> dict[str, float]:
+        """CPU seconds per role in the last sample before `moment` (epoch seconds)."""
+        row = max((s for s in self.samples if s[0] <= moment), key=lambda s: s[0],
+                  default=(0.0, {}))[1]
+        out: dict[str, float] = {}
+        for name, seconds in row.values():
+            out[name] = out.get(name, 0.0) + seconds
+        return out
+
+
+def timed(cmd: list[str], env: dict[str, str], meter: bool = False
+          ) -> tuple[float, str, TreeCPU | None]:
+    """Wall seconds of a fresh process, its stdout, and (`meter`) its tree's CPU samples."""
     started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    cpu = TreeCPU(proc.pid) if meter else None
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{done.stderr[-4000:]}")
-    return wall, done.stdout
+    if cpu is not None:
+        cpu.running = False
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{stderr[-4000:]}")
+    return wall, stdout, cpu
 
 
 def breakdown(totals: dict[str, float], wall: float, client_rounds: int) -> dict:
@@ -96,17 +141,35 @@ def run_fedlr(clients: int, rounds: int, dp: bool, env: dict[str, str], folder: 
                               for k, v in fedlr_settings(clients, rounds, dp, engine,
                                                          precision).items()))
     cache = folder / f"epsilon-cache-{name}"  # empty: no earlier run's values
-    wall, _ = timed([sys.executable, "-m", "fedlr.cli", "simulate", "--config", str(config),
-                     "--out", str(out)], {**env, "FEDLR_CACHE_DIR": str(cache)})
+    wall, _, cpu = timed([sys.executable, "-m", "fedlr.cli", "simulate", "--config",
+                          str(config), "--out", str(out)], {**env, "FEDLR_CACHE_DIR": str(cache)},
+                         meter=True)
     records = read_metrics(out / METRICS_FILE)
     totals = {k: sum(r.get(k, 0.0) for r in records) for k in ("seconds", *SERVER_TIMES,
                                                                  *CLIENT_TIMES)}
     totals["outside_rounds"] = wall - totals.pop("seconds")  # start-up, round 0, export
     totals.update(outside_phases(out, wall))
+    assert cpu is not None
     return {"wall_seconds": wall, "seconds_per_client_round": wall / (clients * rounds),
             "eval_accuracy": records[-1]["eval_accuracy"],
             "epsilon_max": records[-1].get("epsilon_max"),
-            "breakdown": breakdown(totals, wall, clients * rounds)}
+            "breakdown": breakdown(totals, wall, clients * rounds),
+            "start_up_cpu": start_up_cpu(out, cpu, wall, clients * rounds)}
+
+
+def start_up_cpu(out: Path, cpu: TreeCPU, wall: float, client_rounds: int) -> dict:
+    """The CPU seconds every process of the run spent before round 1 began, by role. With
+    `os.cpu_count()` cores no schedule begins round 1 sooner than their sum over the cores:
+    that floor is a cost of every run however its start-up is arranged (per client-round of
+    this job and as a fraction of its wall time, like the breakdown's parts)."""
+    timeline = json.loads((out / "timeline.json").read_text())
+    began = timeline["spans"]["rounds"]["start"]
+    seconds = cpu.by_role_before(timeline["process_start"] + began)
+    floor = sum(seconds.values()) / (os.cpu_count() or 1)
+    return {"cpu_seconds_by_process": seconds, "cpu_seconds": sum(seconds.values()),
+            "round_1_began_seconds": began, "floor_seconds": floor,
+            "floor": {"seconds_per_client_round": floor / client_rounds,
+                      "fraction_of_wall": floor / wall}}
 
 
 def outside_phases(out: Path, wall: float) -> dict[str, float]:
@@ -120,7 +183,7 @@ def outside_phases(out: Path, wall: float) -> dict[str, float]:
 
 
 def run_peer(clients: int, rounds: int, dp: bool, env: dict[str, str]) -> dict:
-    wall, stdout = timed([sys.executable, peer.__file__, "--clients", str(clients),
+    wall, stdout, _ = timed([sys.executable, peer.__file__, "--clients", str(clients),
                           "--rounds", str(rounds), "--dp" if dp else "--no-dp"], env)
     result = json.loads(stdout.strip().splitlines()[-1])
     train, evaluate = result["train"], result["evaluate"]
@@ -150,6 +213,14 @@ def table(runs: dict) -> Table:
                 cells.append("-" if part is None else f"{part['seconds_per_client_round']:.2f} "
                              f"({100 * part['fraction_of_wall']:.0f}%)")
         out.add_row(row, *cells)
+    floors = []
+    for run in runs.values():
+        for side in SIDES:
+            cpu = run[side].get("start_up_cpu")
+            floors.append("-" if cpu is None else
+                          f"{cpu['floor']['seconds_per_client_round']:.2f} "
+                          f"({100 * cpu['floor']['fraction_of_wall']:.0f}%)")
+    out.add_row("start-up CPU / cores", *floors)
     out.add_row("ratio peer/side", *("" if side == "peer" else f"{run[f'ratio_peer_to_{side}']:.2f}"
                                      for run in runs.values() for side in SIDES))
     return out

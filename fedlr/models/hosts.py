@@ -20,6 +20,7 @@ from fedlr.adapters import LoraFactors
 from fedlr.errors import ConfigError
 from fedlr.lora.lowrank import LowRank, kaiming_uniform_a
 from fedlr.lora.strategies.base import ModuleShape
+from fedlr.models.dropout import use_fast_dropout
 from fedlr.models.sources import PRESETS, resolve_source
 from fedlr.peft_layout import PeftLayout
 from fedlr.settings.specs import ModelSpec
@@ -118,8 +119,8 @@ def tiny_config(vocab_size: int, pad_token_id: int, num_labels: int) -> Any:
 def load_base_model(spec: ModelSpec, tokenizer: Any) -> torch.nn.Module:
     """The frozen base for `spec.task`, in eval mode with every weight's requires_grad off.
 
-    A classification head that the checkpoint lacks is initialised from `spec.seed`, so every
-    client and the server build the same one.
+    Its dropout draws as `fedlr.models.dropout` does. A classification head that the checkpoint
+    lacks is initialised from `spec.seed`, so every client and the server build the same one.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -134,6 +135,7 @@ def load_base_model(spec: ModelSpec, tokenizer: Any) -> torch.nn.Module:
         model = _from_pretrained(auto, resolve_source(spec.name), spec.name, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    use_fast_dropout(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
