@@ -124,6 +124,29 @@ def test_attention_without_dropout_is_sdpa() -> None:
     assert torch.equal(ours, sdpa_attention_forward(_Attention(1), q, k, v, mask)[0])
 
 
+def test_what_only_sdpa_handles_goes_to_sdpa(monkeypatch) -> None:
+    """A position bias is added inside SDPA: with dropout, `attention` must hand it over (its
+    own path would drop the bias)."""
+    from transformers.integrations import sdpa_attention
+
+    calls = []
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda *args, **kwargs: calls.append(kwargs) or ("sdpa", None))
+    q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
+    bias = torch.zeros(1, 2, 3, 3)
+    assert fd.attention(_Attention(1), q, k, v, None, dropout=0.1,
+                        position_bias=bias)[0] == "sdpa"
+    assert calls[0]["position_bias"] is bias and calls[0]["dropout"] == 0.1
+
+
+def test_a_model_with_its_own_sdpa_code_keeps_it() -> None:
+    model = _bert()
+    model._supports_attention_backend = False
+    fd.use_fast_dropout(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert any(isinstance(m, fd.FastDropout) for m in model.modules())
+
+
 def test_reduced_precision_attention_is_computed_in_float32(monkeypatch) -> None:
     torch.manual_seed(7)
     q, k, v = (torch.randn(2, 2, 6, 16) for _ in range(3))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 STEPS = 1 << 16
 ATTENTION = "fedlr_sdpa"
+SDPA_ONLY = ("position_bias", "cache", "softcap", "s_aux")  # what `attention` leaves to SDPA
 
 
 def drop_steps(p: float) -> int:
@@ -73,8 +74,8 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    if dropout == 0.0 or query.device.type != "cpu" or causal or kwargs.get("position_bias") \
-            is not None or kwargs.get("s_aux") is not None:
+    if dropout == 0.0 or query.device.type != "cpu" or causal or any(
+            kwargs.get(name) is not None for name in SDPA_ONLY):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -92,14 +93,17 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
 
 
 def use_fast_dropout(model: nn.Module) -> None:
-    """Every `nn.Dropout` of `model` becomes a `FastDropout`, and its SDPA attention (if any)
-    `attention`, which is SDPA unless the probabilities are dropped on a CPU."""
+    """Every `nn.Dropout` of `model` becomes a `FastDropout`, and its SDPA attention
+    `attention`, which is SDPA unless the probabilities are dropped on a CPU: only in a model
+    that dispatches its attention through transformers' attention interface (one with its own
+    SDPA code would read the new name as "not SDPA")."""
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
                 setattr(parent, name, FastDropout(child.p, child.inplace))
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == "sdpa":
+    if getattr(config, "_attn_implementation", None) == "sdpa" and getattr(
+            model, "_supports_attention_backend", False):
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
 
