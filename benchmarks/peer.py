@@ -44,7 +44,7 @@ import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
-from simulation import role
+from simulation import role, tree_rows
 
 from fedlr.precision import native_bf16
 from fedlr.run_metrics import METRICS_FILE, read_metrics
@@ -88,14 +88,8 @@ class TreeCPU:
 
     def _sample(self) -> None:
         while self.running:
-            row = {}
             try:
-                for proc in [self.root, *self.root.children(recursive=True)]:
-                    try:
-                        cpu = proc.cpu_times()
-                        row[proc.pid] = (role(proc), cpu.user + cpu.system)
-                    except psutil.Error:
-                        continue
+                row = dict(tree_rows(self.root, _cpu_row))
             except psutil.Error:
                 break
             self.samples.append((time.time(), row))
@@ -109,6 +103,11 @@ class TreeCPU:
         for name, seconds in row.values():
             out[name] = out.get(name, 0.0) + seconds
         return out
+
+
+def _cpu_row(proc: psutil.Process) -> tuple[int, tuple[str, float]]:
+    cpu = proc.cpu_times()
+    return proc.pid, (role(proc), cpu.user + cpu.system)
 
 
 def timed(cmd: list[str], env: dict[str, str], meter: bool = False

@@ -31,7 +31,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import torch
@@ -39,6 +41,7 @@ import torch
 from fedlr.precision import native_bf16
 from fedlr.run_metrics import METRICS_FILE, read_metrics
 
+T = TypeVar("T")
 RESULTS = Path(__file__).parent / "results" / "simulation.json"
 ENGINES = ("per-client", "batched")
 MODELS = {  # the job of each model, as `fedlr.settings.schema.SimulationConfig` fields
@@ -63,13 +66,8 @@ class TreeRSS:
 
     def _sample(self) -> None:
         while self.running:
-            rows = []
             try:
-                for proc in [self.root, *self.root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        memory = proc.memory_full_info()
-                        rows.append({"process": role(proc), "rss_mb": memory.rss / 2**20,
-                                     "pss_mb": memory.pss / 2**20})
+                rows = tree_rows(self.root, _memory_row)
             except psutil.Error:
                 break
             total = sum(row["rss_mb"] for row in rows)
@@ -87,6 +85,21 @@ class TreeRSS:
         return {"peak_rss_mb_all_processes": self.peak,
                 "pss_mb_at_peak": sum(row["pss_mb"] for row in self.at_peak),
                 "processes_at_peak": by_role}
+
+
+def tree_rows(root: psutil.Process, read: Callable[[psutil.Process], T]) -> list[T]:
+    """`read` of a process and of each of its descendants that is still there (a process that
+    ends meanwhile is left out; psutil.Error if `root` itself is gone)."""
+    rows = []
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            rows.append(read(proc))
+    return rows
+
+
+def _memory_row(proc: psutil.Process) -> dict:
+    memory = proc.memory_full_info()
+    return {"process": role(proc), "rss_mb": memory.rss / 2**20, "pss_mb": memory.pss / 2**20}
 
 
 def role(proc: psutil.Process) -> str:

@@ -16,6 +16,7 @@ float32 for bf16 and fp16 inputs), with this module's mask.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -37,10 +38,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
               ) -> tuple[Tensor, float]:
     """A mask keeping each element with probability 1 - drop_steps(p)/65536, and the scale
     (the inverse of that probability) that makes the kept values unbiased."""
-    dropped = drop_steps(p)
-    n = 1
-    for size in shape:
-        n *= size
+    dropped, n = drop_steps(p), math.prod(shape)
     # the full 64-bit range: with no bounds, random_ leaves an int64's sign bit at 0
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
     draws = bits.view(torch.int16)[:n].view(shape)
