@@ -76,21 +76,22 @@ def run_job(job: Job, downlink: Adapter, local_data: str | None = None,
     config = job.train_config()
     ledger = None
     state = state or NodeState(None)
-    if config.dp is not None:
-        ledger = state.ledger(job.ledger, config.dp.accountant, job.client_id)
-    result = LocalTrainer(session.host, config).train(
-        job.client_id,
-        downlink,
-        examples,
-        rank=job.rank,
-        train_a=job.train_a,
-        train_head=job.train_head,
-        ledger=ledger,
-        seed=job.seed,
-        limits=limits,
-    )
-    if ledger is not None:
-        state.save(ledger)  # before the reply: every round the server sees is counted
+    with state.locked():  # from the ledger's load to its save: no other process's round is lost
+        if config.dp is not None:
+            ledger = state.ledger(job.ledger, config.dp.accountant, job.client_id)
+        result = LocalTrainer(session.host, config).train(
+            job.client_id,
+            downlink,
+            examples,
+            rank=job.rank,
+            train_a=job.train_a,
+            train_head=job.train_head,
+            ledger=ledger,
+            seed=job.seed,
+            limits=limits,
+        )
+        if ledger is not None:
+            state.save(ledger)  # before the reply: every round the server sees is counted
     numbers = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
     return TrainReply(job.client_id, result.adapter, result.num_examples, numbers, ledger)
 

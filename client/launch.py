@@ -19,6 +19,11 @@ def node_config_text(partition_id: int, num_partitions: int, state_dir: Path,
             f"partition id {partition_id} must be in [0, {num_partitions}); it selects this "
             "client's share of the data"
         )
+    for what, path in (("--data", data), ("--state-dir", state_dir)):
+        text = str(path or "")
+        if '"' in text or "\\" in text or not text.isprintable():
+            raise ConfigError(f"{what} {text!r} has a quote, backslash or control character, "
+                              "which Flower's node config cannot carry; choose another path")
     node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
     if data is not None:  # this machine's own examples, used instead of the run's dataset
         if not data.is_file():
@@ -35,17 +40,24 @@ def supernode_argv(
     superlink: str, *, ca: Path | None, key: Path | None, partition_id: int,
     num_partitions: int, port: int, insecure: bool, state_dir: Path,
     limits: NodeLimits | None = None, give_up_after: float | None = None,
-    data: Path | None = None, trainer: Path | None = None,
+    data: Path | None = None, trainer: Path | None = None, runner: Path | None = None,
 ) -> list[str]:
     """The flower-supernode command line for one client of the federation. It reconnects after
     a lost connection (a server restart) forever, or for `give_up_after` seconds. `trainer`:
     the folder of the node's warm trainer (`fedlr.client.node_trainer`), which the ClientApp
-    hands its jobs to."""
+    hands its jobs to. The SuperNode never runs a run's app itself (`--isolation process`):
+    the node's ClientApp runner (`fedlr.client.app_runner`, whose folder `runner` holds the
+    secret that guards the loopback runtime API; `fedlr client` always starts one) checks each
+    run's app and runs the node's installed fedlr."""
     node_config = node_config_text(partition_id, num_partitions, state_dir, limits, data)
     if trainer is not None:
         node_config += f' trainer="{trainer}"'
     argv = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
-            "--port", str(port)]
+            "--isolation", "process", "--host", "127.0.0.1", "--port", str(port)]
+    if runner is not None:
+        from fedlr.client.app_runner import SECRET
+
+        argv += ["--superexec-auth-secret-file", str(runner / SECRET)]
     if give_up_after is not None:
         argv += ["--max-wait-time", str(give_up_after)]
     if insecure:

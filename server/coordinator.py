@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -59,6 +60,28 @@ from fedlr.wire import (
 )
 
 log = logging.getLogger("fedlr")
+
+
+def malformed(client: str, exc: Exception) -> Rejection:
+    """A reply that could not be decoded, checked or accounted, as that client's rejection."""
+    reason = str(exc) if isinstance(exc, WireError) else (
+        f"malformed reply ({type(exc).__name__}: {exc})")
+    return Rejection(client, reason[:500], "malformed reply")
+
+
+def refusal_of(client: str, reason: object) -> Rejection:
+    """A node's refusal, its reason (the node's own words) cut to a line's length."""
+    return Rejection(client, f"refused: {str(reason)[:500]}", "refused")
+
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A client's metrics, each a finite number under a short name (they reach metrics.jsonl,
+    which holds JSON numbers only)."""
+    for name, value in metrics.items():
+        if len(str(name)) > 64 or not math.isfinite(value):
+            raise WireError(f"malformed reply: metric {str(name)[:64]!r} = {value!r} is not a "
+                            "finite number under a short name")
+    return metrics
 
 
 def preload_for(config: SimulationConfig, model: ModelSession) -> Preload:
@@ -225,31 +248,36 @@ class Coordinator:
                 continue
             updates.append(update)
             metrics.append(numbers)
-        config = self.fed.config
-        policy = ValidationPolicy(max_update_norm=config.max_update_norm,
-                                  min_valid_updates=config.min_valid_updates)
-        return close_round(self.fed.strategy, state, plan, updates, policy=policy,
+        return close_round(self.fed.strategy, state, plan, updates, policy=self.policy(),
                            refused=refused)
 
     # -- replies -------------------------------------------------------------------------------
 
+    def policy(self) -> ValidationPolicy:
+        config = self.fed.config
+        return ValidationPolicy(max_update_norm=config.max_update_norm,
+                                min_valid_updates=config.min_valid_updates,
+                                max_examples=config.max_examples_per_client)
+
     def parse(self, client: str, reply: Parts | Rejection, downlink: Adapter
               ) -> tuple[ClientUpdate | None, Rejection | None, dict[str, float]]:
-        """A reply as a ClientUpdate, or why it cannot be one (never raises). A ledger in the
-        reply is the client's own: the server records it as reported."""
+        """A reply as a ClientUpdate, or why it cannot be one (never raises: whatever decoding,
+        checking or accounting one client's reply raises is that client's rejection, never the
+        run's end). A ledger in the reply is the client's own: the server records it as
+        reported, once the run's accountant has counted it."""
         if isinstance(reply, Rejection):
             return None, reply, {}
         try:
             answer = reply_from_parts(reply, downlink)
-        except (KeyError, TypeError, WireError) as exc:
-            return None, Rejection(client, str(exc) if isinstance(exc, WireError) else
-                                   f"malformed reply ({type(exc).__name__}: {exc})",
-                                   "malformed reply"), {}
-        if isinstance(answer, Refusal):
-            return None, Rejection(client, f"refused: {answer.reason}", "refused"), {}
-        if answer.ledger is not None:
-            self.privacy.ledgers[client] = answer.ledger
-        numbers = {**answer.metrics, "num-examples": float(answer.num_examples)}
+            if isinstance(answer, Refusal):
+                return None, refusal_of(client, answer.reason), {}
+            metrics = finite_metrics(answer.metrics)
+            if answer.ledger is not None:
+                self.privacy.admit(client, answer.ledger)
+        except Exception as exc:  # the client's input alone: its rejection
+            return None, malformed(client, exc), {}
+        n = answer.num_examples  # weighs the round's train loss as it weighs the update
+        numbers = {**metrics, "num-examples": float(self.policy().weight_of(n) if n > 0 else 0)}
         return ClientUpdate(client, answer.adapter, answer.num_examples), None, numbers
 
     def secure_exchange(self, transport: Transport, jobs: dict[str, Parts],
@@ -271,12 +299,12 @@ class Coordinator:
                 try:
                     fields = reply.fields
                     if fields.get("kind") == "refusal":
-                        out[client] = Rejection(client, f"refused: {fields['reason']}", "refused")
+                        out[client] = refusal_of(client, fields["reason"])
                         continue
                     if stage == "train":
                         metrics.append(self.secure_metrics(client, fields))
-                except (KeyError, TypeError, ValueError, WireError) as exc:
-                    out[client] = Rejection(client, f"malformed reply ({exc})", "malformed reply")
+                except Exception as exc:  # the client's input alone: its rejection
+                    out[client] = malformed(client, exc)
                     continue
                 out[client] = fields
             return out
@@ -284,10 +312,15 @@ class Coordinator:
         return exchange
 
     def secure_metrics(self, client: str, fields: dict[str, Any]) -> dict[str, float]:
+        """A secure train stage's metrics and ledger (raises on either malformed)."""
+        metrics = json.loads(str(fields.get("metrics", "{}")))
+        if not isinstance(metrics, dict):
+            raise WireError(f"metrics must be a JSON object, got {type(metrics).__name__}")
+        numbers = finite_metrics({k: float(v) for k, v in metrics.items()})
         ledger = fields.get("ledger")
         if ledger:
-            self.privacy.ledgers[client] = PrivacyLedger.from_dict(json.loads(str(ledger)))
-        return {k: float(v) for k, v in json.loads(str(fields.get("metrics", "{}"))).items()}
+            self.privacy.admit(client, PrivacyLedger.from_dict(json.loads(str(ledger))))
+        return numbers
 
     def log_rejections(self, round_: int, rejected: list[Rejection]) -> None:
         """Who was left out and why; only how many of each kind where ids are secret."""

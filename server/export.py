@@ -11,6 +11,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from fedlr.adapters import Adapter, peft_config_fields, to_peft_state_dict
+from fedlr.atomic import fsync_path
 from fedlr.lora.strategies import GlobalState, Strategy
 
 TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -43,9 +44,34 @@ def export_peft(folder: Path, adapter: Adapter, base_model: str, task: str,
             model_config.save_pretrained(str(staging))
         save_file(tensors, str(staging / "adapter_model.safetensors"))
         (staging / "fedlr_export.json").write_text(json.dumps(info, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_folder(new: Path, folder: Path) -> None:
+    """`new` renamed to `folder`, replacing what was there so that a crash at any point leaves
+    one whole export at `folder` or at its aside name (`.NAME.old`): the old one is renamed
+    aside first, then the new one into place (the old one back if that fails), and only then is
+    the old one deleted. The new files and both renames are fsynced."""
+    aside = folder.parent / f".{folder.name}.old"
+    if aside.exists() and not folder.exists():  # a crash between the renames: it is the export
+        aside.rename(folder)
+    elif aside.exists():  # a crash after the new one was in place: an older export
+        shutil.rmtree(aside)
+    for file in new.iterdir():
+        fsync_path(file)
+    fsync_path(new)
+    had_old = folder.exists()
+    if had_old:
+        folder.rename(aside)
+    try:
+        new.rename(folder)
+    except BaseException:
+        if had_old:
+            aside.rename(folder)
+        raise
+    fsync_path(folder.parent)
+    if had_old:
+        shutil.rmtree(aside)

@@ -26,11 +26,25 @@ log = logging.getLogger("fedlr")
 QUERY_TIMEOUT_SECONDS = 60.0
 
 
+def identity_of(reply: Message) -> tuple[ConfigRecord, int, int]:
+    """(the identity record, partition id, num-partitions) of a node's answer; raises on
+    anything else (a missing record or field, a value that is not an integer)."""
+    identity = reply.content["identity"]
+    if not isinstance(identity, ConfigRecord):
+        raise TypeError(f"identity is a {type(identity).__name__}, not a ConfigRecord")
+    values = identity["partition-id"], identity["num-partitions"]
+    for name, value in zip(("partition-id", "num-partitions"), values, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} {str(value)[:40]!r} is not an integer")
+    return identity, values[0], values[1]
+
+
 @dataclass
 class NodeDirectory:
     num_clients: int
     clients: dict[str, int] = field(default_factory=dict)  # client id -> node id
     ignored: dict[int, str] = field(default_factory=dict)  # node id -> why it is not a client
+    failed: dict[int, str] = field(default_factory=dict)  # node id -> its last error reply
     preload: Preload | None = None  # what each node loads before it answers
     in_flight: InFlight | None = None  # a simulation's; deployed: every query at once
 
@@ -54,15 +68,26 @@ class NodeDirectory:
         return RecordDict({PRELOAD_FIELD: ConfigRecord({"json": self.preload.to_json()})})
 
     def register(self, reply: Message) -> None:
-        if reply.has_error():
-            return  # asked again at the next refresh
+        """Take a node's answer: a node whose answer is not a well-formed identity is ignored
+        with the reason (its reply is its own input: never the run's end)."""
+        if reply.has_error():  # asked again at the next refresh (e.g. it refuses the run's app)
+            node, reason = reply.metadata.src_node_id, str(reply.error.reason)[:500]
+            if self.failed.get(node) != reason:
+                log.warning("node %s did not identify itself: %s", node, reason)
+            self.failed[node] = reason
+            return
         node = reply.metadata.src_node_id
-        identity = reply.content["identity"]
-        client, declared = str(identity["partition-id"]), int(identity["num-partitions"])
+        try:
+            identity, partition, declared = identity_of(reply)
+        except Exception as exc:  # the node's input alone: it is ignored, the run goes on
+            self.ignore(node, f"its identity reply is malformed ({exc}); a node answers with "
+                              "integer partition-id and num-partitions (`fedlr client`)")
+            return
+        client = str(partition)
         if declared != self.num_clients:
             self.ignore(node, f"it says num-partitions={declared}, the run has {self.num_clients} "
                               "clients; restart it with the run's --num-partitions")
-        elif not 0 <= int(client) < self.num_clients:
+        elif not 0 <= partition < self.num_clients:
             self.ignore(node, f"its partition id {client} is not in [0, {self.num_clients})")
         elif client in self.clients:
             self.ignore(node, f"client {client} is already node {self.clients[client]}; every "
@@ -70,9 +95,10 @@ class NodeDirectory:
         else:
             self.clients[client] = node
             log.info("node %s is client %s (%s; data: %s)", node, client,
-                     identity.get("device", "?"), identity.get("data", "?"))
+                     str(identity.get("device", "?"))[:40], str(identity.get("data", "?"))[:200])
 
     def ignore(self, node: int, why: str) -> None:
+        """Never asked again: a node is identified once (`refresh` runs every round)."""
         self.ignored[node] = why
         log.warning("ignoring node %s: %s", node, why)
 
@@ -92,6 +118,8 @@ class NodeDirectory:
                 f"{len(self.clients)} of {self.num_clients} clients connected after {seconds:.0f} "
                 f"s (missing {missing}), at least {at_least} needed; start the missing clients or "
                 "raise connect_timeout"
+                + "".join(f"; node {n} answered: {why}" for n, why in self.failed.items()
+                          if n not in self.clients.values())
             )
         log.warning("starting with %d of %d clients; missing %s", len(self.clients),
                     self.num_clients, missing)

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 from fedlr.grouping import Grouping
 from fedlr.lora.rounds import Rejection
-from fedlr.wire import Parts, WireError, bundle, unbundle
+from fedlr.wire import Parts, bundle, unbundle
 from fedlr.wire_fields import GROUP_FIELD
 
 # Flower's grids look for replies every 0.1 s (simulation) or every 3 s (deployment), so every
@@ -138,10 +138,9 @@ class Transport:
                 continue  # not an answer to these messages
             members = carried[carrier][1]
             if reply.has_error():
-                out.update({c: Rejection(c, f"client failed: {reply.error.reason}",
+                out.update({c: Rejection(c, f"client failed: {str(reply.error.reason)[:500]}",
                                          "client failed") for c in members})
                 continue
-            self.bytes_up += size(reply.content)
             out.update(self._answers(members, reply))
         return out
 
@@ -159,15 +158,17 @@ class Transport:
             out[group[0]] = (bundle({c: parts[c] for c in group}, **self.group_fields()), group)
         return out
 
-    @staticmethod
-    def _answers(members: list[str], reply: Message) -> dict[str, Parts | Rejection]:
-        """Each member's own reply (a malformed one is that member's rejection)."""
+    def _answers(self, members: list[str], reply: Message) -> dict[str, Parts | Rejection]:
+        """Each member's own reply, its bytes counted. Whatever a reply's content is (records
+        of the wrong kind, tensors that do not convert), a failure to read it is its members'
+        rejection, never the round's end."""
         try:
+            self.bytes_up += size(reply.content)
             parts = unwrap(reply)
             each = unbundle(parts) if len(members) > 1 or GROUP_FIELD in parts.fields else {
                 members[0]: parts}
-        except (KeyError, TypeError, ValueError, WireError) as exc:
-            return {c: Rejection(c, f"malformed reply ({exc})", "malformed reply")
-                    for c in members}
+        except Exception as exc:  # the nodes' input alone: their rejection
+            why = f"malformed reply ({type(exc).__name__}: {str(exc)[:300]})"
+            return {c: Rejection(c, why, "malformed reply") for c in members}
         return {c: each[c] if c in each else Rejection(c, "its group's reply left it out",
                                                         "malformed reply") for c in members}

@@ -102,6 +102,9 @@ def client(
 ) -> None:
     """Start a Flower SuperNode for this machine; it trains on CUDA when present. Its privacy
     ledger and limits are its own: whatever the server sends, it refuses a round past them."""
+    import shutil
+
+    from fedlr.client import app_runner
     from fedlr.client.launch import node_config_text, supernode_argv
     from fedlr.client.node_trainer import start
     from fedlr.privacy.node import NodeLimits, default_state_dir
@@ -111,10 +114,17 @@ def client(
     state_dir = state_dir or default_state_dir(partition_id)
     trainer = (start(node_config_text(partition_id, num_partitions, state_dir, limits, data))
                if warm else None)
-    _exec(supernode_argv(superlink, ca=ca, key=key, partition_id=partition_id,
-                         num_partitions=num_partitions, port=port, insecure=insecure,
-                         state_dir=state_dir, limits=limits, give_up_after=give_up_after,
-                         data=data, trainer=trainer))
+    runner = app_runner.prepare()  # the only process that runs messages, after its app check
+    try:
+        argv = supernode_argv(superlink, ca=ca, key=key, partition_id=partition_id,
+                              num_partitions=num_partitions, port=port, insecure=insecure,
+                              state_dir=state_dir, limits=limits, give_up_after=give_up_after,
+                              data=data, trainer=trainer, runner=runner)
+    except BaseException:
+        shutil.rmtree(runner, ignore_errors=True)
+        raise
+    app_runner.start(runner, f"127.0.0.1:{port}")
+    _exec(argv)
 
 
 SUPEREXEC_POLL_SECONDS = 0.1

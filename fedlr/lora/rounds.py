@@ -20,7 +20,7 @@ from fedlr.adapters import Adapter
 from fedlr.client_ids import client_order
 from fedlr.errors import RoundFailedError
 from fedlr.lora.strategies.base import AggregationReport, ClientUpdate, GlobalState, Strategy
-from fedlr.lora.validation import ValidationPolicy, validate_update
+from fedlr.lora.validation import ValidationPolicy, state_problem, validate_update
 from fedlr.privacy.client_level import draw_clients
 
 REJECTION_KINDS = ("invalid update", "duplicate", "no reply", "not connected", "client failed",
@@ -153,6 +153,7 @@ def aggregate_round(
     accepted: list[ClientUpdate] = []
     rejected: list[Rejection] = []
     seen: set[str] = set()
+    capped = 0
     for update in updates:
         kind, start = "invalid update", None
         if update.client_id in seen:
@@ -166,7 +167,9 @@ def aggregate_round(
         if reason:
             rejected.append(Rejection(update.client_id, reason, kind))
         else:
-            accepted.append(replace(update, start=start))
+            weight = policy.weight_of(update.num_examples)
+            capped += weight != update.num_examples
+            accepted.append(replace(update, start=start, num_examples=weight))
             seen.add(update.client_id)
     needed = 0 if strategy.every_round_released else policy.min_valid_updates
     if len(accepted) < needed:
@@ -180,4 +183,17 @@ def aggregate_round(
         report = AggregationReport(strategy.name, new_state.round, {}, math.nan, math.nan, {})
         return RoundResult(new_state, report, [], rejected)
     new_state, report = strategy.aggregate(state, accepted)
-    return RoundResult(new_state, report, [u.client_id for u in accepted], rejected)
+    checked_state(new_state, strategy, rejected)
+    facts = {"examples_capped": capped} if capped else {}
+    return RoundResult(new_state, report, [u.client_id for u in accepted], rejected, facts)
+
+
+def checked_state(state: GlobalState, strategy: Strategy, rejected: Sequence[Rejection]
+                  ) -> GlobalState:
+    """`state`, unless it is not finite: then the round fails (the adapter carries over), since
+    a checkpointed non-finite adapter is one no resume recovers."""
+    problem = state_problem(state, strategy.spec.dtype)
+    if problem:
+        raise RoundFailedError(f"round {state.round}: {problem}; the global state is unchanged",
+                               list(rejected))
+    return state

@@ -9,9 +9,12 @@ process and kept here, in a SQLite file that every process of the user shares
 
 The caller's key names everything the value depends on (the history with its floats exactly,
 delta, the accountant and its library's version); the file name carries this module's own
-format. Each row holds a digest of its key and value, so a damaged row, or a file that is not a
-database, is a miss and the value is computed again: a fault in the cache costs time, never a
-wrong epsilon. One process computes a key while the others wait on its lock, then read its row.
+format. Each row holds an HMAC of its key and value under a secret of this user (`secret.key`,
+mode 0600, in a folder of mode 0700), so a damaged row, a row planted by anyone without the
+secret, or a file that is not a database, is a miss and the value is computed again: a fault in
+the cache costs time, never a wrong epsilon. The folder is the user's alone, since its histories
+reveal each client's noise and sampling rate (so its example count). One process computes a key
+while the others wait on its lock, then read its row.
 Nothing here knows an accountant: the callers (`fedlr.privacy.sample_level`) build the keys.
 """
 
@@ -19,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CACHE_DIR_ENV = "FEDLR_CACHE_DIR"
-FILE = "epsilons-v1.sqlite"  # a new version whenever a row's meaning changes
+FILE = "epsilons-v2.sqlite"  # a new version whenever a row's meaning changes
+SECRET_FILE = "secret.key"
 LOCK_STRIPES = 256  # lock files; keys that share one wait on each other's computation
 CORRUPT = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
@@ -42,19 +48,39 @@ def cached(key: str, compute: Callable[[], float]) -> float:
     a writable cache directory every call computes."""
     folder = cache_dir()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        secret = _secret(folder)
     except OSError:
         return compute()
     with _key_lock(folder, key):
-        value = _read(folder / FILE, key)
+        value = _read(folder / FILE, key, secret)
         if value is None:
             value = compute()
-            _write(folder / FILE, key, value)
+            _write(folder / FILE, key, value, secret)
     return value
 
 
-def _digest(key: str, text: str) -> str:
-    return hashlib.sha256(f"{key}\0{text}".encode()).hexdigest()
+def _secret(folder: Path) -> bytes:
+    """This user's cache secret, made once (mode 0600); without it no row can be vouched for."""
+    path = folder / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+    secret = path.read_bytes()
+    if len(secret) < 32:
+        raise OSError(f"{path} is not a cache secret")
+    return secret
+
+
+def _digest(secret: bytes, key: str, text: str) -> str:
+    return hmac.new(secret, f"{key}\0{text}".encode(), hashlib.sha256).hexdigest()
 
 
 @contextlib.contextmanager
@@ -76,7 +102,7 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def _read(path: Path, key: str) -> float | None:
+def _read(path: Path, key: str, secret: bytes) -> float | None:
     """The stored value, or None: absent, unreadable, or not the value its digest vouches for."""
     try:
         with _connect(path) as db:
@@ -84,18 +110,19 @@ def _read(path: Path, key: str) -> float | None:
                              (key,)).fetchone()
     except sqlite3.Error:
         return None
-    if row is None or row[1] != _digest(key, str(row[0])):
+    if row is None or not hmac.compare_digest(
+            str(row[1]), _digest(secret, key, str(row[0]))):
         return None
     return float(row[0])
 
 
-def _write(path: Path, key: str, value: float) -> None:
+def _write(path: Path, key: str, value: float, secret: bytes) -> None:
     """Store a value; a cache that cannot be written (locked too long, read-only, damaged) only
     means the next process computes it again."""
     text = repr(float(value))
     with contextlib.suppress(sqlite3.Error), _connect(path) as db:
         db.execute("INSERT OR REPLACE INTO epsilons VALUES (?, ?, ?)",
-                   (key, text, _digest(key, text)))
+                   (key, text, _digest(secret, key, text)))
 
 
 @contextlib.contextmanager

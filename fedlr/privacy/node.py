@@ -11,11 +11,14 @@ directory holds one ledger for the node's data across every run it trains in.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +149,23 @@ class NodeState:
         except ConfigError as exc:
             raise ConfigError(f"node state {path}: {exc}; {fix}") from None
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """This node's ledger held exclusively (`flock` on a lock file beside the state dir)
+        from its load to its save: two processes on one state dir (two runs, a ClientApp beside
+        the warm trainer) would otherwise both train from the same ledger, and a round be lost."""
+        if self.folder is None:
+            yield
+            return
+        # beside the folder, not in it: a job refused before training leaves no state behind
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.folder.parent / f".{self.folder.name}.lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def save(self, ledger: PrivacyLedger) -> None:
         path = self.path
         if path is None:
@@ -164,8 +184,10 @@ class NodeState:
             return own  # the usual case: the server sent back what this node reported
         if theirs.steps > own.steps and theirs.extends(own):
             log.warning("client %s: the server's ledger extends this node's (%d > %d steps); "
-                        "keeping the longer one", who, theirs.steps, own.steps)
-            return theirs
+                        "keeping its steps, counted by this node's accountant", who,
+                        theirs.steps, own.steps)
+            # evidence of steps only: how they are counted stays the node's own
+            return replace(theirs, accountant=own.accountant)
         log.warning("client %s: ignoring the server's ledger (%d steps), which is shorter than "
                     "or differs from this node's own (%d steps)", who, theirs.steps, own.steps)
         return own

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from fedlr.atomic import write_json
+from fedlr.privacy.accountants import check_accountant
 from fedlr.privacy.client_level import (
     client_level_description,
     client_level_epsilon,
     published_sample_epsilon,
 )
 from fedlr.privacy.plan import quiet_absl
-from fedlr.privacy.sample_level import PrivacyLedger, opacus_epsilon
+from fedlr.privacy.sample_level import MAX_MECHANISMS, PrivacyLedger, opacus_epsilon
 from fedlr.settings.schema import SimulationConfig
 
 
@@ -34,6 +35,24 @@ class RunPrivacy:
         self.ledgers = {c: PrivacyLedger.from_dict(d) for c, d in info["ledgers"].items()}
         self.client_rounds = dict(info.get("client_rounds", {}))
 
+    def admit(self, client: str, ledger: PrivacyLedger) -> None:
+        """Record the ledger a client reports, once the run's own accountant has counted it:
+        the report is only evidence of steps (its `accountant` label must be one fedlr knows,
+        but never decides how the run counts), and one that cannot be counted raises here, for
+        that client's reply alone (its rejection), never later in the round, ending the run."""
+        check_accountant("sample", ledger.accountant)  # a label a resume could not read back
+        mechanisms = len({(s, q) for s, q, _ in ledger.history})
+        if mechanisms > MAX_MECHANISMS:
+            raise ValueError(f"its ledger has {mechanisms} distinct (noise, sample rate) "
+                             f"segments, more than the {MAX_MECHANISMS} the server "
+                             "accounts per client")
+        dp = self.config.dp_config()
+        if dp is not None:
+            epsilon = opacus_epsilon(ledger.history, dp.delta, dp.accountant)
+            if math.isnan(epsilon):
+                raise ValueError("its ledger's epsilon is not a number")
+        self.ledgers[client] = ledger
+
     def joined(self, accepted: list[str]) -> None:
         """Count each accepted client's round, where who joined is public."""
         if self.config.publish_client_ids:
@@ -43,11 +62,12 @@ class RunPrivacy:
     def epsilons(self) -> dict[str, float]:
         """Each client's epsilon so far: the accountant is the costly part of a round with
         hundreds of clients, so only histories no process has seen are computed
-        (`opacus_epsilon` keeps every value; the clients have computed most already)."""
+        (`opacus_epsilon` keeps every value; the clients have computed most already, and
+        `admit` each reported one). The run's accountant counts every ledger."""
         dp = self.config.dp_config()
         if dp is None:
             return {}
-        return {c: opacus_epsilon(led.history, dp.delta, led.accountant)
+        return {c: opacus_epsilon(led.history, dp.delta, dp.accountant)
                 for c, led in self.ledgers.items()}
 
     @quiet_absl()  # dp-accounting's notes on each RDP order it drops, every round

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fedlr.errors import ConfigError, FedlrError
+from fedlr.privacy.accountants import accountant_names
 from fedlr.privacy.epsilon_cache import cached
 from fedlr.privacy.solve import MAX_NOISE, Unreachable, smallest_noise
 
@@ -140,6 +141,13 @@ def noise_for_target(
         ) from None
 
 
+# The accountant's time grows with a history's distinct mechanisms (PRV: about 2 s for 10, 9 s
+# for 100, a minute for 300), and whoever sends a ledger chooses how many it holds: a node's own
+# ledger merges the steps of one (noise, sample rate), so it holds one per run setting it
+# trained with. A ledger with more is refused wherever it is read (node and server alike).
+MAX_MECHANISMS = 64
+
+
 @dataclass
 class PrivacyLedger:
     """One client's DP-SGD history; persists across rounds so its epsilon accumulates.
@@ -225,6 +233,12 @@ class PrivacyLedger:
             raise ConfigError("privacy ledger has an invalid segment; it cannot be trusted")
         if ledger.rounds < 0 or not 0 <= ledger.non_poisson_steps <= ledger.steps:
             raise ConfigError("privacy ledger has impossible counts; it cannot be trusted")
+        if ledger.accountant not in accountant_names("sample"):
+            raise ConfigError(f"privacy ledger names accountant {ledger.accountant[:40]!r}, not "
+                              f"one of {accountant_names('sample')}; it cannot be trusted")
+        if len(_steps_by_mechanism(history)) > MAX_MECHANISMS:
+            raise ConfigError(f"privacy ledger has more than {MAX_MECHANISMS} (noise, sample rate) "
+                              "mechanisms, more than any run records; it cannot be trusted")
         return ledger
 
 

@@ -82,6 +82,10 @@ class SimulationConfig:
     max_update_norm: float | None = setting(
         None, "Reject an update whose ||dW - dW_start||_F exceeds this (unset: no bound).",
         "federation")
+    max_examples_per_client: int = setting(
+        10_000, "Example count at which a client's FedAvg weight stops growing: a larger count "
+        "a client reports weighs as this much (set it to the largest honest client's count; "
+        "secure aggregation caps at secagg_max_weight).", "federation")
     round_timeout: float | None = setting(
         None, "Seconds a round waits for replies (unset: until every node answers or goes "
         "offline).", "federation")
@@ -211,7 +215,8 @@ class SimulationConfig:
                 f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGY_NAMES)}"
             )
         for name in ("num_clients", "rounds", "local_steps", "batch_size", "max_length",
-                     "min_valid_updates", "eval_examples", "eval_every"):
+                     "min_valid_updates", "eval_examples", "eval_every",
+                     "max_examples_per_client"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

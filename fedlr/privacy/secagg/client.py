@@ -41,6 +41,9 @@ def respond(message: dict[str, Any], kept: Kept, part: Callable[[Encoding], np.n
     stage = message[STAGE_FIELD]
     if stage == "train":
         setup = json.loads(message["secagg"])
+        # before training: a round this client would refuse later spends none of its budget
+        neighbours = set(map(str, setup["neighbours"])) - {str(setup["client"])}
+        check_threshold(setup["threshold"], len(neighbours) + 1)
         return advertise(setup, part(Encoding.from_json(setup["encoding"])))
     if kept.get("round") != message.get("round"):
         raise ProtocolError(f"a {stage} message for round {message.get('round')}, but this "
@@ -52,6 +55,18 @@ def respond(message: dict[str, Any], kept: Kept, part: Callable[[Encoding], np.n
     if stage == "unmask":
         return unmask(kept, json.loads(message["survivors"]), json.loads(message["dropped"])), {}
     raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
+
+
+def check_threshold(threshold: int, holders: int) -> None:
+    """Refuse a threshold the protocol's guarantee does not hold under: with t <= half of a
+    secret's holders, two disjoint sets of honest holders (one asked for shares of b, the other
+    for shares of the mask key) could each rebuild one secret, and the server would unmask this
+    client's update (t = 1: one neighbour each); with t above the holders nobody could."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not (
+            holders < 2 * threshold and threshold <= holders):
+        raise ProtocolError(f"threshold {threshold!r} for {holders} share holders: SecAgg+ needs "
+                            f"more than half of them and at most all ({holders // 2 + 1} to "
+                            f"{holders}); this client does not take part")
 
 
 def advertise(setup: dict[str, Any], part: np.ndarray) -> tuple[dict[str, Any], Kept]:
@@ -76,9 +91,7 @@ def share(kept: Kept, peers: list[str], keys: bytes) -> tuple[dict[str, Any], Ke
         raise ProtocolError(f"keys of clients that are not my neighbours: "
                             f"{sorted(set(peers) - neighbours)}")
     holders = sorted({me, *peers}, key=client_order)
-    if len(holders) < kept["threshold"]:
-        raise ProtocolError(f"{len(holders)} share holders, fewer than the threshold "
-                            f"{kept['threshold']}: my secrets could not be rebuilt")
+    check_threshold(kept["threshold"], len(holders))
     public = crypto.unpack(keys, peers, 64)
     b = crypto.fresh_seed()
     b_shares = crypto.split(b, kept["threshold"], len(holders))

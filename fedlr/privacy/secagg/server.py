@@ -23,7 +23,7 @@ import numpy as np
 
 from fedlr.client_ids import client_order
 from fedlr.errors import RoundFailedError
-from fedlr.lora.rounds import Rejection, RoundPlan, RoundResult
+from fedlr.lora.rounds import Rejection, RoundPlan, RoundResult, checked_state
 from fedlr.lora.strategies.base import GlobalState, Strategy
 from fedlr.privacy.secagg import crypto
 from fedlr.privacy.secagg.encoding import Encoding, decode
@@ -70,8 +70,8 @@ def _problem(check: Callable[[str, Fields], str | None], client: str, reply: Fie
              ) -> str | None:
     try:
         return check(client, reply)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # the client's input alone (a deep JSON raises RecursionError)
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def _json_of(reply: Fields, key: str, kind: type) -> Any:
@@ -188,6 +188,7 @@ def secure_round(strategy: Strategy, state: GlobalState, plan: RoundPlan, exchan
             total = total - pairwise if client_order(u) < client_order(d) else total + pairwise
     decoded = decode(encoding, total, len(u3), strategy.spec.dtype)
     new_state, report = strategy.aggregate_sum(state, decoded)
+    checked_state(new_state, strategy, rejected)
     stage.seconds["unmasking"] = time.perf_counter() - started
     return RoundResult(new_state, report, u3, rejected,
                        _facts(report, len(dropped), k, t, stage.seconds))
