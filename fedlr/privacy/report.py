@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from fedlr.atomic import write_json
-from fedlr.privacy.accountants import check_accountant
 from fedlr.privacy.client_level import (
     client_level_description,
     client_level_epsilon,
     published_sample_epsilon,
 )
 from fedlr.privacy.plan import quiet_absl
-from fedlr.privacy.sample_level import MAX_MECHANISMS, PrivacyLedger, opacus_epsilon
+from fedlr.privacy.sample_level import PrivacyLedger, opacus_epsilon
 from fedlr.settings.schema import SimulationConfig
 
 
@@ -37,15 +36,10 @@ class RunPrivacy:
 
     def admit(self, client: str, ledger: PrivacyLedger) -> None:
         """Record the ledger a client reports, once the run's own accountant has counted it:
-        the report is only evidence of steps (its `accountant` label must be one fedlr knows,
-        but never decides how the run counts), and one that cannot be counted raises here, for
+        the report is only evidence of steps (`PrivacyLedger.from_dict` has refused an unknown
+        accountant label or too many mechanisms; the label never decides how the run counts),
+        and one that cannot be counted raises here, for
         that client's reply alone (its rejection), never later in the round, ending the run."""
-        check_accountant("sample", ledger.accountant)  # a label a resume could not read back
-        mechanisms = len({(s, q) for s, q, _ in ledger.history})
-        if mechanisms > MAX_MECHANISMS:
-            raise ValueError(f"its ledger has {mechanisms} distinct (noise, sample rate) "
-                             f"segments, more than the {MAX_MECHANISMS} the server "
-                             "accounts per client")
         dp = self.config.dp_config()
         if dp is not None:
             epsilon = opacus_epsilon(ledger.history, dp.delta, dp.accountant)
