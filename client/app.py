@@ -54,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=answer_message(msg.content, context, trainer), reply_to=msg)
 
 
-def preloaded_device(text: str, trainer: Path | None) -> str:
+def preloaded_device(text: str, trainer: Path | None, node_config: dict) -> str:
     """Load the run's model where the jobs will run (the node's warm trainer, else this
     process: a simulation's worker serves every round from it); the device it trains on."""
     if trainer is not None:
@@ -64,7 +64,7 @@ def preloaded_device(text: str, trainer: Path | None) -> str:
             log.warning("%s; preloading in this process", exc)
     from fedlr.client.jobs import device_name, preload
 
-    preload(text)
+    preload(text, node_config)
     return device_name()
 
 
@@ -74,7 +74,7 @@ def identify(msg: Message, context: Context) -> Message:
     trains on; first the model the server said every job will use is loaded (`Preload`)."""
     if PRELOAD_FIELD in msg.content:
         device = preloaded_device(str(msg.content[PRELOAD_FIELD]["json"]),
-                                  warm_trainer(context))
+                                  warm_trainer(context), dict(context.node_config))
     else:
         from fedlr.client.jobs import device_name
 

@@ -30,6 +30,7 @@ from fedlr.client.training import ClientOptions, LocalTrainer, TrainResult
 from fedlr.errors import ConfigError, FedlrError
 from fedlr.lora.strategies.base import ClientUpdate
 from fedlr.models.hosts import resolve_device
+from fedlr.node_policy import NodePolicy
 from fedlr.privacy.node import SIMULATED_NODES_ENV, NodeLimits, NodeState
 from fedlr.privacy.secagg.client import respond
 from fedlr.privacy.secagg.encoding import Encoding, encode
@@ -62,10 +63,14 @@ def node_privacy(node_config: dict[str, Any]) -> tuple[NodeState, NodeLimits]:
 
 
 def run_job(job: Job, downlink: Adapter, local_data: str | None = None,
-            state: NodeState | None = None, limits: NodeLimits | None = None) -> TrainReply:
+            state: NodeState | None = None, limits: NodeLimits | None = None,
+            policy: NodePolicy | None = None) -> TrainReply:
     """Train as the job says, on this node's own file if it has one (else on its shard of the
-    run's data, `client_shards`), within the node's limits: the trained adapter, the example
-    count and metrics, and the node's ledger, persisted before the reply leaves."""
+    run's data, `client_shards`), within the node's limits and `policy` (checked before anything
+    is loaded or read): the trained adapter, the example count and metrics, and the node's
+    ledger, persisted before the reply leaves."""
+    if policy is not None:
+        policy.check_job(job, local_data, job.client_id)
     model = job.model_spec()
     session = model_session(model, job.alpha, job.train["device"])
     spec = job.data_spec()
@@ -158,12 +163,12 @@ def records(parts: Parts) -> RecordDict:
 
 
 def train_here_config(node_config: dict[str, Any]
-                      ) -> tuple[str | None, NodeState, NodeLimits]:
-    """`run_job`'s node arguments from the node's own configuration: its data file, state and
-    limits."""
+                      ) -> tuple[str | None, NodeState, NodeLimits, NodePolicy | None]:
+    """`run_job`'s node arguments from the node's own configuration: its data file, state,
+    limits and job policy."""
     state, limits = node_privacy(node_config)
     data = node_config.get("data-path")
-    return (str(data) if data else None), state, limits
+    return (str(data) if data else None), state, limits, NodePolicy.from_node_config(node_config)
 
 
 def train_remotely(trainer: Path, down: TrainJob) -> TrainReply:
@@ -273,11 +278,15 @@ def secure_stage(parts: Parts, context: Context, trainer: Path | None = None) ->
     return Parts({}, {**fields, **extra, "kind": "secagg"})
 
 
-def preload(text: str) -> None:
-    """Load the run's model session now, into the cache the jobs read. Where it cannot be
-    loaded, the node still answers: its first job will refuse with the reason."""
+def preload(text: str, node_config: dict[str, Any]) -> None:
+    """Load the run's model session now, into the cache the jobs read, if the node's policy
+    allows that model. Where it cannot be loaded, the node still answers: its first job will
+    refuse with the reason."""
     try:
         wanted = Preload.from_json(text)
+        policy = NodePolicy.from_node_config(node_config)
+        if policy is not None:
+            policy.check_model(wanted.model_spec(), str(node_config.get("partition-id", "?")))
         model_session(wanted.model_spec(), wanted.alpha, wanted.device)
     except Exception as exc:  # its first job refuses with the reason
         log.warning("the model was not preloaded: %s", exc)

@@ -6,13 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedlr.errors import ConfigError
+from fedlr.node_policy import NodePolicy
 from fedlr.privacy.node import NodeLimits, NodeState
 
 
+def check_carried(what: str, path: Path | None) -> None:
+    """A path Flower's node config carries in double quotes: a quote would end it early (the
+    node would read another path), a backslash or control character would change it."""
+    text = str(path or "")
+    if '"' in text or "\\" in text or not text.isprintable():
+        raise ConfigError(f"{what} {text!r} has a quote, backslash or control character, "
+                          "which Flower's node config cannot carry; choose another path")
+
+
 def node_config_text(partition_id: int, num_partitions: int, state_dir: Path,
-                     limits: NodeLimits | None = None, data: Path | None = None) -> str:
+                     limits: NodeLimits | None = None, data: Path | None = None,
+                     policy: NodePolicy | None = None) -> str:
     """The node's own configuration as Flower's `--node-config` (what the ClientApp and the
-    node's trainer read): its client id, data, state and limits. The node's ledger in
+    node's trainer read): its client id, data, state, limits and job policy (the default one
+    unless given: a node `fedlr client` starts always bounds its jobs). The node's ledger in
     `state_dir` is read once here, so a corrupt one stops the node before it starts."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
@@ -20,10 +32,7 @@ def node_config_text(partition_id: int, num_partitions: int, state_dir: Path,
             "client's share of the data"
         )
     for what, path in (("--data", data), ("--state-dir", state_dir)):
-        text = str(path or "")
-        if '"' in text or "\\" in text or not text.isprintable():
-            raise ConfigError(f"{what} {text!r} has a quote, backslash or control character, "
-                              "which Flower's node config cannot carry; choose another path")
+        check_carried(what, path)
     node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
     if data is not None:  # this machine's own examples, used instead of the run's dataset
         if not data.is_file():
@@ -33,6 +42,8 @@ def node_config_text(partition_id: int, num_partitions: int, state_dir: Path,
     node_config += f' state-dir="{state_dir.expanduser().resolve()}"'
     for name, value in (limits or NodeLimits()).node_config().items():
         node_config += f" {name}={value!r}"
+    for name, value in (policy or NodePolicy()).node_config().items():
+        node_config += f' {name}="{value}"' if isinstance(value, str) else f" {name}={value}"
     return node_config
 
 
@@ -41,6 +52,7 @@ def supernode_argv(
     num_partitions: int, port: int, insecure: bool, state_dir: Path,
     limits: NodeLimits | None = None, give_up_after: float | None = None,
     data: Path | None = None, trainer: Path | None = None, runner: Path | None = None,
+    policy: NodePolicy | None = None,
 ) -> list[str]:
     """The flower-supernode command line for one client of the federation. It reconnects after
     a lost connection (a server restart) forever, or for `give_up_after` seconds. `trainer`:
@@ -49,8 +61,9 @@ def supernode_argv(
     the node's ClientApp runner (`fedlr.client.app_runner`, whose folder `runner` holds the
     secret that guards the loopback runtime API; `fedlr client` always starts one) checks each
     run's app and runs the node's installed fedlr."""
-    node_config = node_config_text(partition_id, num_partitions, state_dir, limits, data)
+    node_config = node_config_text(partition_id, num_partitions, state_dir, limits, data, policy)
     if trainer is not None:
+        check_carried("the trainer's folder (under TMPDIR)", trainer)
         node_config += f' trainer="{trainer}"'
     argv = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(port)]

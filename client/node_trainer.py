@@ -20,17 +20,27 @@ leaves, removing its folder, when `fedlr client`'s process (the SuperNode) is go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
+from collections.abc import Iterator
+from multiprocessing.connection import (
+    AuthenticationError,
+    Client,
+    Connection,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +56,9 @@ START_SECONDS = 60.0  # for the trainer to listen: its imports come after, with 
 # Flower gives a node one message at a time; a request that arrives while the trainer is busy
 # (its asker was stopped and the next message came) waits its turn, never trains beside it
 BACKLOG = 8
+# from a connection to its request read in full: a local peer that connects and says nothing (or
+# stops halfway) is cut off after this, and the trainer serves the next one
+REQUEST_SECONDS = 120.0
 
 
 class TrainerUnavailable(FedlrError):
@@ -83,7 +96,7 @@ def answer(fields: dict[str, Any], arrays: Arrays, node_config: dict[str, Any]
     from fedlr.wire import Parts, TrainJob, TrainReply
 
     if fields.get("kind") == "preload":
-        jobs.preload(str(fields["json"]))
+        jobs.preload(str(fields["json"]), node_config)
         return {"kind": "preloaded", "device": jobs.device_name()}, {}
 
     def trained(down: TrainJob) -> TrainReply:
@@ -97,23 +110,50 @@ def answer(fields: dict[str, Any], arrays: Arrays, node_config: dict[str, Any]
     return out.fields, {k: t.detach().cpu().numpy() for k, t in out.arrays.items()}
 
 
+@contextlib.contextmanager
+def cut_off_after(conn: Connection, seconds: float) -> Iterator[None]:
+    """Past `seconds`, shut the connection down: a read blocked on a silent peer then ends
+    (EOFError) instead of holding the trainer."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def shut() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, shut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        sock.close()
+
+
 def serve(folder: Path, node_config: dict[str, Any], stop: threading.Event | None = None
           ) -> None:
     """Answer the node's requests, one at a time, until `stop` is set (or the process ends).
-    An error of a request goes back to its asker (as `{"kind": "error"}`); the trainer goes on."""
-    listener = Listener(str(folder / SOCKET), family="AF_UNIX", backlog=BACKLOG,
-                        authkey=(folder / KEY).read_bytes())
+    An error of a request goes back to its asker (as `{"kind": "error"}`); the trainer goes on.
+    The HMAC handshake runs here, not in `accept`, so that it has a deadline too."""
+    key = (folder / KEY).read_bytes()
+    listener = Listener(str(folder / SOCKET), family="AF_UNIX", backlog=BACKLOG)
     (folder / READY).touch()
     try:
         while stop is None or not stop.is_set():
             try:
                 conn = listener.accept()
-            except (AuthenticationError, OSError, EOFError) as exc:  # a process without the key
-                log.warning("warm trainer: refused a connection (%s)", exc)
+            except OSError as exc:
+                log.warning("warm trainer: accept failed (%s)", exc)
                 continue
             with conn:
                 try:
-                    fields, arrays = read_frames(conn)
+                    with cut_off_after(conn, REQUEST_SECONDS):
+                        deliver_challenge(conn, key)
+                        answer_challenge(conn, key)
+                        fields, arrays = read_frames(conn)
+                except AuthenticationError as exc:  # a process without the key
+                    log.warning("warm trainer: refused a connection (%s)", exc)
+                    continue
                 except (OSError, EOFError, ValueError) as exc:
                     log.warning("warm trainer: unreadable request (%s)", exc)
                     continue

@@ -9,6 +9,11 @@ class ConfigError(FedlrError, ValueError):
     """A setting is invalid; raised before any work starts."""
 
 
+class NodeLimitError(FedlrError):
+    """A job breaks a limit set on the node (its privacy, what it reads, what it allocates);
+    the node refuses to train."""
+
+
 class AdapterFileError(FedlrError):
     """An adapter file or directory is missing, unreadable or not in a format fedlr knows."""
 

@@ -45,21 +45,31 @@ class NodeDirectory:
     clients: dict[str, int] = field(default_factory=dict)  # client id -> node id
     ignored: dict[int, str] = field(default_factory=dict)  # node id -> why it is not a client
     failed: dict[int, str] = field(default_factory=dict)  # node id -> its last error reply
+    asked: dict[str, int] = field(default_factory=dict)  # unanswered query's id -> node id
     preload: Preload | None = None  # what each node loads before it answers
     in_flight: InFlight | None = None  # a simulation's; deployed: every query at once
 
     def refresh(self, grid: Grid) -> None:
-        """Forget nodes that went offline and identify the ones that appeared."""
+        """Forget nodes that went offline and identify the ones that appeared. A node is asked
+        once: a query unanswered within QUERY_TIMEOUT_SECONDS (a node still starting, loading
+        the base model) stays out, and later refreshes take its late answer without waiting
+        for it (a node that never answers costs one timeout, not one a round)."""
         online = set(grid.get_node_ids())
         self.clients = {c: n for c, n in self.clients.items() if n in online}
-        known = set(self.clients.values()) | set(self.ignored)
-        new = sorted(online - known)
-        if not new:
-            return
+        self.asked = {m: n for m, n in self.asked.items() if n in online}
+        known = set(self.clients.values()) | set(self.ignored) | set(self.asked.values())
         queries = [Message(content=self.query(), dst_node_id=n, message_type="query")
-                   for n in new]
+                   for n in sorted(online - known)]
+        if not queries and not self.asked:
+            return
         window = None if self.in_flight is None else self.in_flight.limit(training=False)
-        for reply in exchange(grid, queries, QUERY_TIMEOUT_SECONDS, window=window):
+        outstanding = set(self.asked)
+        replies = exchange(grid, queries, QUERY_TIMEOUT_SECONDS if queries else 0.0,
+                           window=window, outstanding=outstanding)
+        # both grids give each message its id as they push it
+        self.asked.update({q.metadata.message_id: q.metadata.dst_node_id for q in queries})
+        self.asked = {m: n for m, n in self.asked.items() if m in outstanding}
+        for reply in replies:
             self.register(reply)
 
     def query(self) -> RecordDict:

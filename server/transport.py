@@ -30,15 +30,19 @@ SCAN_BUDGET = 40_000  # node-by-message checks a look of Flower's simulation eng
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
              sleep: Callable[[float], None] = time.sleep,
              clock: Callable[[], float] = time.monotonic,
-             window: int | None = None) -> list[Message]:
+             window: int | None = None, outstanding: set[str] | None = None) -> list[Message]:
     """`Grid.send_and_receive`'s contract (push every message, then the replies that arrive
     until all are in or `timeout` seconds pass; None waits for all), noticing the last reply
     within POLL_MAX_SECONDS. `window`: at most that many messages unanswered at once, the next
-    pushed as replies come (see `InFlight`); None pushes them all at once."""
+    pushed as replies come (see `InFlight`); None pushes them all at once. `outstanding`: ids of
+    messages pushed earlier whose replies count too (a slow node's late answer is not lost); on
+    return it holds every id still unanswered, and the messages never pushed are dropped."""
     queue = list(messages)
     window = len(queue) if window is None else max(1, window)
-    pending = set(grid.push_messages(queue[:window]))
+    pending = set(grid.push_messages(queue[:window])) - {None}
     queue = queue[window:]
+    if outstanding is not None:
+        pending |= outstanding
     deadline = None if timeout is None else clock() + timeout
     replies: list[Message] = []
     wait = POLL_FIRST_SECONDS
@@ -49,11 +53,14 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
         left = None if deadline is None else deadline - clock()
         if queue and len(pending) < window and (left is None or left > 0):
             more, queue = queue[:window - len(pending)], queue[window - len(pending):]
-            pending |= set(grid.push_messages(more))
+            pending |= set(grid.push_messages(more)) - {None}
         if not pending or (left is not None and left <= 0):
             break
         sleep(wait if left is None else min(wait, left))
         wait = min(POLL_MAX_SECONDS, 2 * wait)
+    if outstanding is not None:
+        outstanding.clear()
+        outstanding.update(pending)
     return replies
 
 

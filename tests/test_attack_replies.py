@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from uuid import uuid4
@@ -326,7 +327,8 @@ def test_an_aggregate_that_overflows_fails_the_round_and_is_never_checkpointed(b
     coordinator = run(fed, Node(int(ATTACKER), train=cancelling))
     record = coordinator.run.read_metrics()[-1]
     assert "the new global update" in record["round_failed"]
-    assert "not finite in torch.float32" in record["round_failed"]
+    # its factors or their product past float32, as the float rounding of the average has it
+    assert re.search("non-finite factors|not finite in torch.float32", record["round_failed"])
     tensors, info = coordinator.run.load_checkpoint()
     initial, _ = fed.strategy.init_state(fed.model.host.initial_head).to_tensors()
     assert info["round"] == 1 and tensors.keys() == initial.keys()

@@ -129,7 +129,7 @@ def test_a_node_killed_during_round_two_leaves_the_round_to_the_others(deploymen
     deployment.kill_node(2)
     assert run.wait(timeout=300) == 0, deployment.log("run.log")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["accepted"] == ["0", "1", "2"]
+    assert records[0]["accepted"] == ["0", "1", "2"], (records, deployment.log("run.log"))
     assert records[1]["accepted"] == ["0", "1"]
     assert [r["client"] for r in records[1]["rejected"]] == ["2"]
     assert records[1]["rejected"][0]["reason"].startswith("client failed")
@@ -169,7 +169,7 @@ def test_a_node_holds_its_own_privacy_budget_whatever_the_server_asks(tmp_path):
     finally:
         dep.close()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["accepted"] == ["0", "1", "2"]
+    assert records[0]["accepted"] == ["0", "1", "2"], (records, deployment.log("run.log"))
     assert records[1]["accepted"] == ["0", "1"]
     (refusal,) = records[1]["rejected"]
     assert refusal["client"] == "2"

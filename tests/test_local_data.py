@@ -12,6 +12,7 @@ from fedlr.client.jobs import run_job
 from fedlr.data.sources import load_local
 from fedlr.errors import ConfigError
 from fedlr.federation import Federation
+from fedlr.node_policy import NodePolicy
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir
 from fedlr.settings.schema import SimulationConfig
@@ -63,8 +64,12 @@ def test_the_client_launcher_hands_its_file_to_the_node(tmp_path):
     argv = supernode_argv("h:1", ca=None, key=None, partition_id=2, num_partitions=3, port=9,
                           insecure=True, data=mine, state_dir=tmp_path / "state")
     node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
+    policy = {k: v for k, v in node_config.items() if k not in ("partition-id", "num-partitions",
+                                                                 "data-path", "state-dir",
+                                                                 "budget-delta")}
     assert node_config == {"partition-id": 2, "num-partitions": 3, "data-path": str(mine),
-                           "state-dir": str(tmp_path / "state"), "budget-delta": 1e-5}
+                           "state-dir": str(tmp_path / "state"), "budget-delta": 1e-5, **policy}
+    assert policy == NodePolicy().node_config()  # every node bounds its jobs
     with pytest.raises(ConfigError, match="--data file not found"):
         supernode_argv("h:1", ca=None, key=None, partition_id=2, num_partitions=3, port=9,
                        insecure=True, data=tmp_path / "none.jsonl", state_dir=tmp_path)

@@ -21,9 +21,9 @@ from fedlr.client.jobs import run_job
 from fedlr.client.samplers import PoissonBatches
 from fedlr.client.step_engines import DPPlan
 from fedlr.client.training import LocalTrainer
-from fedlr.errors import ConfigError
+from fedlr.errors import ConfigError, NodeLimitError
 from fedlr.federation import Federation
-from fedlr.privacy.node import NodeLimitError, NodeLimits, NodeState
+from fedlr.privacy.node import NodeLimits, NodeState
 from fedlr.privacy.sample_level import PrivacyLedger, opacus_epsilon, private_generator
 from fedlr.server.coordinator import Coordinator
 from fedlr.server.rundir import RunDir

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedlr.client import node_trainer
 from fedlr.client.app import relayed
 from fedlr.client.jobs import run_job, train_here, train_remotely
 from fedlr.client.node_trainer import KEY, READY, SOCKET, ask, preload_remotely, serve
@@ -171,3 +173,26 @@ def test_the_trainer_leaves_and_cleans_up_when_its_supernode_is_gone(tmp_path):
     while folder.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not folder.exists()
+
+
+def test_a_local_peer_that_connects_and_says_nothing_cannot_wedge_the_trainer(trainer,
+                                                                            monkeypatch):
+    """Finding 8 of issue 36: the handshake had no deadline, so one silent connection held the
+    trainer (and every later round of the node) forever."""
+    monkeypatch.setattr(node_trainer, "REQUEST_SECONDS", 0.5)
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(str(trainer.folder / SOCKET))
+    answers: list[str] = []
+
+    def honest() -> None:
+        try:
+            ask(trainer.folder, {"job": "{}"}, {})
+        except RuntimeError as exc:  # answered: a malformed job is refused
+            answers.append(str(exc))
+
+    asker = threading.Thread(target=honest, daemon=True)
+    asker.start()
+    asker.join(timeout=20)
+    silent.close()
+    assert not asker.is_alive(), "the silent peer held the trainer"
+    assert "malformed job" in answers[0]

@@ -53,7 +53,7 @@ def test_the_early_preload_is_the_one_every_job_carries(announced):
 
 def test_a_preloaded_node_loads_nothing_for_its_first_job(announced):
     fed, seen = announced
-    preload(seen[0].to_json())
+    preload(seen[0].to_json(), {})
     misses = model_session.cache_info().misses
     job = Coordinator(fed, RunDir(fed.config.out)).job("1", 1)
     session = model_session(job.model_spec(), job.alpha, job.train["device"])
@@ -84,8 +84,8 @@ def test_a_node_that_cannot_preload_still_answers_and_says_why(model, labels, ca
     bad = json.dumps({"model": {"name": model, "num_labels": labels, "targets": None},
                       "alpha": 1.0, "device": "auto"})
     with caplog.at_level(logging.WARNING, logger="fedlr"):
-        preload(bad)
-        preload("not json")
+        preload(bad, {})
+        preload("not json", {})
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "the model was not preloaded"] * 2
 

@@ -93,6 +93,22 @@ def client(
     max_clip_norm: Annotated[
         float | None, typer.Option(help="Refuse DP-SGD with a larger clipping bound C.")
     ] = None,
+    allow_data: Annotated[
+        list[str] | None, typer.Option(help="A data source (file or hub dataset) a job may "
+                                            "name, beyond --data and the built-in task; "
+                                            "repeatable.")
+    ] = None,
+    allow_model: Annotated[
+        list[str] | None, typer.Option(help="A model (folder or hub name) a job may name, "
+                                            "beyond the presets; repeatable.")
+    ] = None,
+    max_rank: Annotated[int, typer.Option(help="Refuse a job with a larger LoRA rank.")] = 64,
+    max_labels: Annotated[int, typer.Option(help="Refuse a job with more labels.")] = 1000,
+    max_length: Annotated[int, typer.Option(help="Refuse a job with longer sequences.")] = 2048,
+    max_local_steps: Annotated[
+        int, typer.Option(help="Refuse a job with more local steps a round.")
+    ] = 10_000,
+    max_batch_size: Annotated[int, typer.Option(help="Refuse a job with larger batches.")] = 256,
     warm: Annotated[
         bool, typer.Option(help="Keep the model and data loaded between rounds in a trainer "
                                 "process beside the SuperNode (--no-warm: load them in every "
@@ -101,25 +117,30 @@ def client(
     insecure: Annotated[bool, typer.Option(help="Plain text: tests only.")] = False,
 ) -> None:
     """Start a Flower SuperNode for this machine; it trains on CUDA when present. Its privacy
-    ledger and limits are its own: whatever the server sends, it refuses a round past them."""
+    ledger, its limits and what it may read and load are its own: whatever the server sends,
+    it refuses a job past them."""
     import shutil
 
     from fedlr.client import app_runner
     from fedlr.client.launch import node_config_text, supernode_argv
     from fedlr.client.node_trainer import start
+    from fedlr.node_policy import NodePolicy
     from fedlr.privacy.node import NodeLimits, default_state_dir
 
     limits = NodeLimits(max_epsilon=max_epsilon, delta=budget_delta,
                         min_noise_multiplier=min_noise_multiplier, max_clip_norm=max_clip_norm)
+    policy = NodePolicy(data=tuple(allow_data or ()), models=tuple(allow_model or ()),
+                        max_rank=max_rank, max_labels=max_labels, max_length=max_length,
+                        max_local_steps=max_local_steps, max_batch_size=max_batch_size)
     state_dir = state_dir or default_state_dir(partition_id)
-    trainer = (start(node_config_text(partition_id, num_partitions, state_dir, limits, data))
-               if warm else None)
+    trainer = (start(node_config_text(partition_id, num_partitions, state_dir, limits, data,
+                                      policy)) if warm else None)
     runner = app_runner.prepare()  # the only process that runs messages, after its app check
     try:
         argv = supernode_argv(superlink, ca=ca, key=key, partition_id=partition_id,
                               num_partitions=num_partitions, port=port, insecure=insecure,
                               state_dir=state_dir, limits=limits, give_up_after=give_up_after,
-                              data=data, trainer=trainer, runner=runner)
+                              data=data, trainer=trainer, runner=runner, policy=policy)
     except BaseException:
         shutil.rmtree(runner, ignore_errors=True)
         raise

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlr.atomic import atomic_write
-from fedlr.errors import ConfigError, FedlrError
+from fedlr.errors import ConfigError, NodeLimitError
 from fedlr.privacy.sample_level import PrivacyLedger, Segment
 from fedlr.settings.specs import DPConfig
 
@@ -32,10 +32,6 @@ LEDGER_FILE = "ledger.json"
 FORMAT = 1
 # `fedlr simulate` gives each simulated node the folder $FEDLR_SIMULATED_NODES/<partition id>
 SIMULATED_NODES_ENV = "FEDLR_SIMULATED_NODES"
-
-
-class NodeLimitError(FedlrError):
-    """A job asks for less privacy than this node allows; the node refuses to train."""
 
 
 def default_state_dir(partition_id: int) -> Path:
