@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedlr.errors import ConfigError
 
 CURVE = ec.SECP384R1()
+LOOPBACK = "127.0.0.1"  # the SuperLink's address, behind `fedlr server`'s Fleet front
 
 
 @dataclass
@@ -33,6 +34,17 @@ class CertificateSet:
     server_cert: Path
     server_key: Path
     node_keys: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (key, pub)
+
+
+def covers_loopback(server_pem: Path) -> bool:
+    """Whether the server certificate names LOOPBACK (certificates made before fedlr's Fleet
+    front may not, and the hop to the SuperLink then fails its TLS check)."""
+    cert = x509.load_pem_x509_certificate(server_pem.read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return ipaddress.ip_address(LOOPBACK) in names.get_values_for_type(x509.IPAddress)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -63,8 +75,9 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 def create(
     folder: str | Path, hosts: Sequence[str], nodes: Sequence[str], days: int = 365
 ) -> CertificateSet:
-    """Write ca.crt (+ ca.key), server.pem and server.key for `hosts`, and one OpenSSH key pair
-    per node name (`<name>` and `<name>.pub`) under `folder`."""
+    """Write ca.crt (+ ca.key), server.pem and server.key for `hosts` (and always for LOOPBACK,
+    where the SuperLink itself listens behind `fedlr server`'s Fleet front), and one OpenSSH
+    key pair per node name (`<name>` and `<name>.pub`) under `folder`."""
     folder = Path(folder)
     if not hosts:
         raise ConfigError("the server certificate needs at least one host (name or IP address)")
@@ -80,7 +93,7 @@ def create(
         raise ConfigError(
             f"{folder} already holds {existing[:3]}; refusing to overwrite keys, use a new folder"
         )
-    sans = [_san(h) for h in hosts]
+    sans = [_san(h) for h in dict.fromkeys([*hosts, LOOPBACK])]
     folder.mkdir(parents=True, exist_ok=True)
 
     now = datetime.datetime.now(datetime.UTC)

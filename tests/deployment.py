@@ -57,7 +57,8 @@ def run_config(settings: dict) -> str:
 class Deployment:
     folder: Path
     num_nodes: int
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # the public Fleet front: nodes only
+    control_port: int = field(default_factory=free_port)  # the SuperLink on loopback: `flwr`
     processes: list[subprocess.Popen] = field(default_factory=list)
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)
     server_proc: subprocess.Popen | None = None
@@ -92,7 +93,8 @@ class Deployment:
         home = self.folder / "home"
         home.mkdir(exist_ok=True)
         home.joinpath("config.toml").write_text(
-            f'[superlink]\ndefault = "dep"\n\n[superlink.dep]\naddress = "127.0.0.1:{self.port}"'
+            f'[superlink]\ndefault = "dep"\n\n[superlink.dep]\n'
+            f'address = "127.0.0.1:{self.control_port}"'
             f'\nroot-certificates = "{self.keys.ca_cert}"\n'
         )
         done = subprocess.run(["bash", str(ROOT / "scripts" / "register-nodes.sh"),
@@ -108,7 +110,9 @@ class Deployment:
         assert self.keys is not None
         self.server_proc = self.spawn(
             "server", "--certs", str(self.keys.folder), "--host", "127.0.0.1", "--port",
-            str(self.port), "--database", str(self.folder / "state.db"), log="server.log")
+            str(self.port), "--control-port", str(self.control_port), "--database",
+            str(self.folder / "state.db"), log="server.log")
+        wait_for_port(self.control_port)
         wait_for_port(self.port)
 
     def kill_server(self) -> None:

@@ -42,20 +42,31 @@ def certs(
 @app.command()
 def server(
     certs: Annotated[Path | None, typer.Option(help="Folder made by `fedlr certs`.")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="Port of the SuperLink's API.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address the nodes connect to.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port of the Fleet API, the nodes' only one.")] = 8000,
+    control_port: Annotated[
+        int, typer.Option(help="Loopback port of the SuperLink: `flwr run`, `ls`, `stop` and "
+                               "`supernode register` on this machine (or an SSH tunnel).")
+    ] = 9093,
     database: Annotated[Path, typer.Option(help="SuperLink state, kept across restarts.")] = Path(
         "superlink.db"
     ),
     insecure: Annotated[bool, typer.Option(help="Plain text, no node auth: tests only.")] = False,
 ) -> None:
-    """Start the coordinator's Flower SuperLink: TLS and node authentication unless --insecure."""
-    from fedlr.server.launch import INSECURE_WARNING, superlink_argv
+    """Start the coordinator: Flower's SuperLink on loopback, and on the public address a front
+    that serves the nodes' Fleet API alone (TLS and node authentication unless --insecure)."""
+    from fedlr.server.launch import INSECURE_WARNING, ServerPlan, serve
 
-    argv = superlink_argv(certs, host=host, port=port, database=database, insecure=insecure)
+    plan = ServerPlan(certs, host, port, control_port, database, insecure)
     if insecure:
         Console(stderr=True).print(f"[bold red]{INSECURE_WARNING}[/]")
-    _exec(argv)
+    table = Table(title="fedlr server")
+    for column in ("address", "serves", "who can reach it"):
+        table.add_column(column)
+    for row in plan.rows():
+        table.add_row(*row)
+    console.print(table)
+    serve(plan)
 
 
 @app.command()
