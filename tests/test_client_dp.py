@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from fedlr.adapters import Adapter, LoraFactors
 from fedlr.errors import ConfigError, RoundFailedError
-from fedlr.lora.rounds import aggregate_round
+from fedlr.federation import Federation
+from fedlr.lora.rounds import aggregate_round, sample_clients
 from fedlr.lora.strategies import (
     ClientUpdate,
     FederationSpec,
@@ -31,6 +32,7 @@ from fedlr.privacy.client_level import (
     client_level_epsilon,
     dp_fedavg,
 )
+from fedlr.settings.schema import SimulationConfig
 
 seeds = st.integers(0, 2**31 - 1)
 SETTINGS = settings(max_examples=15, deadline=None)
@@ -404,3 +406,34 @@ def test_a_runs_client_level_epsilon_is_accounted_without_dp_accountings_chatter
     assert found["epsilon"] == pytest.approx(expected)
     assert not [r for r in quiet if "failed to converge" in r.getMessage()]
     assert [r for r in caplog.records if "failed to converge" in r.getMessage()]  # unquieted
+
+
+# -- secrecy: what a reader of run.json (the run's seed) could replay -----------------------------
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_the_secret_client_sample_is_never_replayed_from_the_seed_and_round(sampling):
+    """The adversary knows the run's seed (run.json) and the round; twenty draws with the same
+    (seed, round) must not all agree, as a sample derived from them would (here 10 of 100
+    clients: two honest draws agree with probability about 6e-14)."""
+    ids = [str(k) for k in range(100)]
+    draws = {tuple(sample_clients(ids, 10, 3, seed=7, private_sampling=sampling))
+             for _ in range(20)}
+    assert len(draws) > 1
+
+
+def test_the_servers_noise_is_never_replayed_from_the_run_seed(tmp_path):
+    """Two federations built from one configuration (the seed run.json publishes) release
+    different noise for the same round with no update: noise drawn from the run's seed would
+    let anyone who reads run.json subtract it."""
+    config = SimulationConfig.load(None, dict(
+        strategy="ffa", model="tiny", num_clients=4, ranks=[4], eval_examples=16,
+        client_noise_multiplier=1.0, client_clip_norm=0.5, out=str(tmp_path / "r")))
+    releases = []
+    for _ in range(2):
+        fed = Federation.build(config)
+        state = fed.strategy.init_state(fed.model.host.initial_head)
+        result = aggregate_round(fed.strategy, state, [],
+                                 policy=ValidationPolicy(min_valid_updates=1))
+        releases.append(result.state.lora)
+    assert all(not torch.equal(releases[0][n].B, releases[1][n].B) for n in releases[0])

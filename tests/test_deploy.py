@@ -147,6 +147,10 @@ def test_a_restarted_server_resumes_the_run_from_its_checkpoint(deployment, tmp_
     deployment.run({**settings, "out": str(out), "resume": True})
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
+    # all three in the resumed round (else the adapter differs); the logs say why one was not
+    assert records[1]["accepted"] == ["0", "1", "2"], (
+        records[1]["rejected"], deployment.log("run.log")[-3000:],
+        *(deployment.log(f"client{k}.log")[-2000:] for k in range(3)))
     deployed = load_delta_weights(out / "rounds" / "0002" / "global.safetensors")
     assert_same(deployed, simulated_adapter(tmp_path, settings))
 

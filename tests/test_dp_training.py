@@ -12,7 +12,7 @@ from fedlr.client.samplers import ShuffledBatches
 from fedlr.client.step_engines import DPPlan, OpacusEngine
 from fedlr.client.training import LocalTrainer, TrainingError
 from fedlr.data.batches import per_example_loss
-from fedlr.privacy.sample_level import PrivacyLedger
+from fedlr.privacy.sample_level import PrivacyLedger, private_generator
 from fedlr.settings.specs import DPConfig, TrainConfig
 
 TASKS = ["classification", "causal-lm"]
@@ -312,3 +312,31 @@ def test_dp_training_uses_the_fused_layers_unless_lora_dropout_needs_peft():
         assert train_round(host, data, start, dp).metrics["grad_sample_mode"] == "hooks"
     finally:
         host.dropout = 0.0
+
+
+def test_a_trainer_step_adds_noise_of_std_sigma_c_over_q_n_whatever_batch_it_drew():
+    """One DP step through `LocalTrainer` with sigma = 100 and C = 1e-3: the clipped sum (norm
+    at most |B| C) is lost in noise of norm sigma C sqrt(d), so with SGD at lr 1 the update's
+    coordinates have std sigma C / (q N), the expected batch, as Poisson sampling's
+    sensitivity needs. q N = 3 of 12 examples; five seeded rounds draw batches of other sizes
+    too (one empty), and a step averaged over its realised |B| would be off by 3 / |B|."""
+    host, data = tiny_host()
+    start = current_adapter(host, RANK)
+    sigma, clip, batch = 100.0, 1e-3, 3
+    config = TrainConfig(local_steps=1, batch_size=batch, lr=1.0, optimizer="sgd",
+                         dp=DPConfig(noise_multiplier=sigma, max_grad_norm=clip))
+    trainer = LocalTrainer(host, config)
+    expected = sigma * clip / batch  # q N = (batch / N) N
+    sizes = []
+    for seed in range(5):
+        ledger = PrivacyLedger()
+        result = trainer.train("c", start, data, rank=RANK, ledger=ledger, dp_seed=seed)
+        before, after = start.tensors(), result.adapter.tensors()
+        change = torch.cat([(after[k] - before[k]).flatten() for k in before
+                            if not torch.equal(after[k], before[k])])
+        sizes.append(len(next(iter(trainer.batches(len(data), trainer.plan_dp(
+            config.dp, len(data), change.numel()), private_generator("cpu", seed))))))
+        n = change.numel()
+        assert n > 1000
+        assert float(change.std()) == pytest.approx(expected, rel=5 / math.sqrt(2 * n))
+    assert any(s != batch for s in sizes)  # the check above saw other batch sizes than q N

@@ -86,6 +86,24 @@ def test_a_curious_server_cannot_replay_a_clients_dp_round(federation):
         assert not same({k: tensors[k] for k in update}, update)
 
 
+def test_the_noise_alone_is_never_replayed(federation):
+    """q = 1 (a batch larger than the client's data): every step's batch is all of its
+    examples, fixed, so two runs of one job differ by the noise alone; noise drawn from
+    anything the server knows (the job's seed) would give the same update twice, and the
+    server could subtract it."""
+    job, downlink = job_for(federation)
+    job.train = {**job.train, "batch_size": 4 * len(federation.data.shard(0)), "local_steps": 1}
+    assert not same(trained(run_job(job, downlink)), trained(run_job(job, downlink)))
+
+
+def test_the_batches_alone_are_never_replayed(federation):
+    """sigma = 0: no noise, so two runs of one job differ by their Poisson batches alone;
+    batches drawn from the job's seed would give the same update twice (and tell the server
+    which examples each step used)."""
+    job, downlink = job_for(federation, noise_multiplier=0.0)
+    assert not same(trained(run_job(job, downlink)), trained(run_job(job, downlink)))
+
+
 def test_seeded_dp_draws_would_be_replayed_exactly_which_is_why_runs_never_seed_them(
         federation):
     """The adversary's replay works when the draws are seeded: the test above can fail."""
@@ -126,6 +144,30 @@ def test_dp_batches_are_poisson_with_the_planned_rate():
     statistic = (steps - 1) * float(sizes.var()) / var
     low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], steps - 1)
     assert low < statistic < high
+
+
+def test_every_example_joins_each_batch_independently_at_rate_q():
+    """Poisson sampling is about who is in a batch, not only how many: 400 steps of the
+    trainer's own sampler (OS entropy) over 200 examples at q = 0.3. Each example's count of
+    batches is Binomial(400, q) and the counts are independent, so their chi-square statistic
+    is chi-square with 200 degrees of freedom (too even counts fail too); the pairs (0, 1),
+    (2, 3), ... join one batch together Binomial(400, q^2) times. Each bound is two-sided at
+    10^-6. Batches cut from shuffled passes, with Binomial sizes, give pairs a rate near q."""
+    n, q, steps = 200, 0.3, 400
+    plan = DPPlan(1.0, 1.0, q, steps, "fused")
+    sampler = LocalTrainer.batches(replace_config(batch_size=60), n, plan, private_generator())
+    member = torch.zeros(steps, n, dtype=torch.float64)
+    for t, batch in enumerate(sampler):
+        member[t, batch] = 1.0
+    assert t == steps - 1
+
+    def chi_square_is_null(counts: torch.Tensor, p: float) -> bool:
+        statistic = float(((counts - steps * p) ** 2).sum()) / (steps * p * (1 - p))
+        low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], counts.numel())
+        return bool(low < statistic < high)
+
+    assert chi_square_is_null(member.sum(0), q)
+    assert chi_square_is_null((member[:, 0::2] * member[:, 1::2]).sum(0), q * q)
 
 
 def replace_config(**changes):

@@ -300,3 +300,46 @@ def test_the_graph_is_regular_symmetric_and_connected():
     assert seen == set(clients)
     assert degree(10, 0) == 9 and degree(100, 0) == 20 and degree(50, 5) == 6
     assert threshold(5, 0.5) == 3 and threshold(21, 0.5) == 11 and threshold(2, 0.5) == 2
+
+
+def test_fewer_shares_than_the_threshold_never_rebuild_a_clients_self_mask_seed():
+    """The holders of client k's shares, colluding (the test opens every sealed share with the
+    holders' keys): any t of them rebuild k's self-mask seed b, and t - 1 never do, for every
+    client. A client that split b with a lower threshold than the round's would let fewer
+    holders (or the server with them) unmask its update."""
+    strategy, state, updates = federation("fedit", 5, [4] * 6, "hetlora")
+    at_share: dict[str, dict] = {}
+
+    def capture(stage, client, reply):
+        if stage == "share":
+            at_share[client] = {"reply": reply, **{c: dict(k) for c, k in clients.kept.items()}}
+        return reply
+
+    plan, by_id, starts = round_inputs(strategy, state, updates)
+    clients = InProcessClients(by_id, starts, capture)
+    secure_round(strategy, state, plan, clients,
+                 SecAggSettings(value_range=1.5 * widest(updates), neighbours=4))
+    for k, seen in at_share.items():
+        mine = seen[k]
+        peers, t, round_ = json.loads(mine["peers_keyed"]), mine["threshold"], mine["round"]
+        sealed = crypto.unpack(seen["reply"]["shares"], peers, crypto.SEALED_BYTES)
+        shares = [bytes.fromhex(json.loads(mine["held"])[k][0])]
+        for h in peers:
+            key = crypto.agree(mine["c_sk"], crypto.public_of(seen[h]["c_sk"]),
+                               crypto.label("shares", round_))
+            shares.append(crypto.open_sealed(key, sealed[h], k, h, round_)[0])
+        assert 2 <= t <= len(shares)
+        assert crypto.combine(random.sample(shares, t)) == mine["b"]
+        with contextlib.suppress(ValueError):  # too few: a wrong value, or none at all
+            assert crypto.combine(random.sample(shares, t - 1)) != mine["b"], k
+
+
+def test_a_mask_stream_depends_on_every_byte_of_its_seed():
+    """Masks are ChaCha20 keystreams of 256-bit seeds; a stream keyed by fewer bits (a
+    truncated seed) could be found by a server trying them all. Changing any one byte of the
+    seed changes the stream."""
+    seed = crypto.fresh_seed()
+    stream = crypto.expand(seed, 64, np.uint64)
+    for i in range(len(seed)):
+        changed = seed[:i] + bytes([seed[i] ^ 0x01]) + seed[i + 1:]
+        assert not np.array_equal(crypto.expand(changed, 64, np.uint64), stream), i
