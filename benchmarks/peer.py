@@ -12,8 +12,12 @@ precision (bf16 autocast where the CPU computes bf16 natively, see fedlr.precisi
 batched engine at its default precision. Both are `flwr.simulation.run_simulation` with one
 supernode per client and one CPU per client, each timed from outside as a fresh process.
 
-Reports per side and DP mode the wall time and the seconds per client-round (the whole job over
-clients x rounds), the ratio peer / fedlr, and where the time goes: fedlr's metrics.jsonl fields
+Each side runs `--repeats` times (3), interleaved: repeat k runs the sides in an order rotated by
+k, so a slow spell of the machine falls on different sides. Reports per side and DP mode the
+median and range of the wall time and of the seconds per client-round (the whole job over
+clients x rounds); the ratio peer / side of each repeat (its runs ran next to each other), its
+median and range: against fedlr in fp32 at equal precision, and default against default; and, from
+the median run, where the time goes: fedlr's metrics.jsonl fields
 (the server's parts of each round, the clients' own times summed over clients), the time outside
 the rounds and its phases from fedlr's timeline.json (`phase ...`; they overlap, see
 fedlr.server.timeline), and the peer's client times, each summed over the rounds, per
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +59,8 @@ RESULTS = Path(__file__).parent / "results"
 # then at its default precision, then with its batched engine
 SIDES = {"peer": None, "fedlr_fp32": ("per-client", "fp32"), "fedlr": ("per-client", "auto"),
          "fedlr_batched": ("batched", "auto")}
+LABELS = {"peer": "peer (fp32)", "fedlr_fp32": "fedlr fp32 (equal precision)",
+          "fedlr": "fedlr default", "fedlr_batched": "fedlr batched default"}
 SERVER_TIMES = ("exchange_seconds", "aggregate_seconds", "eval_seconds", "accountant_seconds",
                 "checkpoint_seconds")
 CLIENT_TIMES = ("client_seconds", "client_setup_seconds", "client_step_seconds",
@@ -195,9 +202,37 @@ def run_peer(clients: int, rounds: int, dp: bool, env: dict[str, str]) -> dict:
             "breakdown": breakdown(totals, wall, clients * rounds)}
 
 
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def summarise(repeats: dict[str, list[dict]]) -> dict:
+    """Each side as its median run (by wall time; its breakdown is that run's), with the wall
+    times of all its runs; each ratio peer / side per repeat (the runs of one repeat ran next to
+    each other), with its median and range: against `fedlr_fp32` at equal precision (both
+    fp32), against `fedlr` default against default, both client by client."""
+    sides = {}
+    for side, done in repeats.items():
+        walls = [r["wall_seconds"] for r in done]
+        median_run = sorted(done, key=lambda r: r["wall_seconds"])[len(done) // 2]
+        sides[side] = {**median_run, "wall_seconds": spread(walls),
+                       "seconds_per_client_round": spread(
+                           [r["seconds_per_client_round"] for r in done])}
+    ratios = {side: spread([p["wall_seconds"] / s["wall_seconds"]
+                            for p, s in zip(repeats["peer"], repeats[side], strict=True)])
+              for side in SIDES if side != "peer"}
+    return {**sides, "ratio_peer_to": ratios}
+
+
+def ranged(value: dict) -> str:
+    return f"{value['median']:.2f} ({value['min']:.2f}-{value['max']:.2f})"
+
+
 def table(runs: dict) -> Table:
-    out = Table(title="peer (plain Flower app) vs fedlr: seconds per client-round")
-    for column in ("", *(f"{mode} {side}" for mode in runs for side in SIDES)):
+    out = Table(title="peer (plain Flower app) vs fedlr: seconds per client-round, median (range)"
+                " of the repeats; the breakdown is the median run's")
+    for column in ("", *(f"{mode} {LABELS[side]}" for mode in runs for side in SIDES)):
         out.add_column(column, justify="right")
     rows = ["wall", *dict.fromkeys(k for run in runs.values() for side in SIDES
                                    for k in run[side]["breakdown"])]
@@ -206,7 +241,7 @@ def table(runs: dict) -> Table:
         for run in runs.values():
             for side in SIDES:
                 if row == "wall":
-                    cells.append(f"{run[side]['seconds_per_client_round']:.2f}")
+                    cells.append(ranged(run[side]["seconds_per_client_round"]))
                     continue
                 part = run[side]["breakdown"].get(row)
                 cells.append("-" if part is None else f"{part['seconds_per_client_round']:.2f} "
@@ -220,9 +255,31 @@ def table(runs: dict) -> Table:
                           f"{cpu['floor']['seconds_per_client_round']:.2f} "
                           f"({100 * cpu['floor']['fraction_of_wall']:.0f}%)")
     out.add_row("start-up CPU / cores", *floors)
-    out.add_row("ratio peer/side", *("" if side == "peer" else f"{run[f'ratio_peer_to_{side}']:.2f}"
+    out.add_row("ratio peer/side", *("" if side == "peer" else ranged(run["ratio_peer_to"][side])
                                      for run in runs.values() for side in SIDES))
     return out
+
+
+def markdown_table(result: dict) -> str:
+    """The README's tables of this benchmark: seconds per client-round and the ratio peer / side,
+    each the median (range) of the repeats, then the median runs' accuracy and epsilon
+    (`tests/test_benchmark_pages.py` holds the README to them)."""
+    names = {"dp": "DP-SGD", "no_dp": "no DP"}
+    lines = ["| | " + " | ".join(LABELS[side] for side in SIDES) + " |",
+             "|---|" + "---|" * len(SIDES)]
+    for mode, run in result["runs"].items():
+        cells = [ranged(run["peer"]["seconds_per_client_round"])]
+        cells += [f"{ranged(run[side]['seconds_per_client_round'])}, "
+                  f"{ranged(run['ratio_peer_to'][side])}x" for side in SIDES if side != "peer"]
+        lines.append(f"| {names[mode]} | " + " | ".join(cells) + " |")
+    lines += ["", "| held-out accuracy after the last round, and ε reported (median run) | "
+              + " | ".join(LABELS[side] for side in SIDES) + " |", "|---|" + "---|" * len(SIDES)]
+    for mode, run in result["runs"].items():
+        cells = [f"{run[side]['eval_accuracy']:.4f}" + (
+            "" if run[side]["epsilon_max"] is None else f", ε {run[side]['epsilon_max']:.2f}")
+            for side in SIDES]
+        lines.append(f"| {names[mode]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def chart(runs: dict, path: Path) -> None:
@@ -237,7 +294,7 @@ def chart(runs: dict, path: Path) -> None:
     bar = 0.8 / len(SIDES)
     for i, side in enumerate(SIDES):
         left.bar([m + i * bar for m in range(len(modes))],
-                 [runs[mode][side]["seconds_per_client_round"] for mode in modes], bar,
+                 [runs[mode][side]["seconds_per_client_round"]["median"] for mode in modes], bar,
                  label=side)
     left.set_xticks([m + 0.4 - bar / 2 for m in range(len(modes))], modes)
     left.set_ylabel("wall seconds per client-round")
@@ -265,6 +322,8 @@ def main() -> None:
                     help="only with DP-SGD")
     dp.add_argument("--no-dp", dest="modes", action="store_const", const=[False],
                     help="only without DP")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each side, interleaved (median and range are reported)")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder for peer.json and peer.png (a smoke run: elsewhere)")
     args = parser.parse_args()
@@ -273,17 +332,20 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for with_dp in args.modes or [True, False]:
-            sides = {side: run_fedlr(args.clients, args.rounds, with_dp, env, Path(tmp), *how)
-                     if how else run_peer(args.clients, args.rounds, with_dp, env)
-                     for side, how in SIDES.items()}
-            for side in SIDES:
-                if side != "peer":
-                    sides[f"ratio_peer_to_{side}"] = (sides["peer"]["wall_seconds"]
-                                                      / sides[side]["wall_seconds"])
-            runs["dp" if with_dp else "no_dp"] = sides
+            repeats: dict[str, list[dict]] = {side: [] for side in SIDES}
+            for k in range(args.repeats):  # interleaved, each repeat in a rotated order
+                order = list(SIDES)[k % len(SIDES):] + list(SIDES)[:k % len(SIDES)]
+                for side in order:
+                    how = SIDES[side]
+                    folder = Path(tmp) / f"repeat-{k}"
+                    folder.mkdir(exist_ok=True)
+                    repeats[side].append(
+                        run_fedlr(args.clients, args.rounds, with_dp, env, folder, *how)
+                        if how else run_peer(args.clients, args.rounds, with_dp, env))
+            runs["dp" if with_dp else "no_dp"] = summarise(repeats)
     result = {
         "benchmark": "peer",
-        "settings": {"clients": args.clients, "rounds": args.rounds,
+        "settings": {"clients": args.clients, "rounds": args.rounds, "repeats": args.repeats,
                      "fedlr": {mode: fedlr_settings(args.clients, args.rounds, mode == "dp")
                                for mode in runs},
                      "sides": {side: {"engine": how[0], "precision": how[1]}
@@ -297,6 +359,7 @@ def main() -> None:
     (args.results / "peer.json").write_text(json.dumps(result, indent=2) + "\n")
     chart(runs, args.results / "peer.png")
     Console().print(table(runs))
+    print(markdown_table(result))
 
 
 if __name__ == "__main__":

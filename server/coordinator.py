@@ -163,6 +163,15 @@ class Coordinator:
             labels=list(self.fed.data.data.label_names),
         )
 
+    def sample(self, round_: int) -> list[str]:
+        """The round's clients: from the run's seed and the round, or, under client-level DP,
+        from the OS's entropy (a sample anyone who reads run.json could replay would void the
+        amplification by sampling)."""
+        config = self.fed.config
+        dp = config.client_dp_config()
+        return sample_clients(config.client_ids(), config.sampled_per_round, round_,
+                              seed=config.seed, private_sampling=dp and dp.sampling)
+
     def round(self, grid: Grid, nodes: dict[str, int], state: GlobalState, round_: int
               ) -> GlobalState:
         """Plan the round in the core, carry each downlink to its node and the replies back,
@@ -173,9 +182,7 @@ class Coordinator:
         and the checkpoint come after it, which must stay last)."""
         started = time.perf_counter()
         config, strategy = self.fed.config, self.fed.strategy
-        dp = config.client_dp_config()
-        clients = sample_clients(config.client_ids(), config.sampled_per_round, round_,
-                                 seed=config.seed, private_sampling=dp and dp.sampling)
+        clients = self.sample(round_)
         plan = plan_round(strategy, state, clients, reachable=nodes)
         transport = Transport(grid, nodes, config.round_timeout, self.grouping,
                               in_flight=self.in_flight)

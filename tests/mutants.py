@@ -1,8 +1,10 @@
 """Named mutants: each a plausible privacy bug, written as one small source change to product
-code, and the unit tests that must fail once it is in (`scripts/mutants.py` runs them; the
+code, and the tests that must fail once it is in (`scripts/mutants.py` runs them; the
 pytest plugin `mutant_plugin` puts the change in before any test imports the module).
 
-A mutant that no listed test kills is a privacy claim the suite does not guard."""
+A mutant that no listed test kills is a privacy claim the suite does not guard. The change is in
+effect in the pytest process only (not in Ray workers or subprocesses), so each listed test must
+run the mutated code in the test's own process."""
 
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ class Mutant:
     module: str  # the product module changed (imported, mutated, before the tests run)
     old: str  # occurs exactly once in the module's source
     new: str
-    tests: tuple[str, ...]  # pytest node ids, unit tier: any one failing kills the mutant
+    tests: tuple[str, ...]  # pytest node ids: any one failing on an assertion kills the mutant
     why: str  # the bug it plays
 
 
 NODE_PRIVACY = "tests/test_node_privacy.py"
 CLIENT_DP = "tests/test_client_dp.py"
+CLIENT_DP_RUN = "tests/test_client_dp_run.py"
 
 MUTANTS = (
     Mutant(
@@ -44,7 +47,8 @@ MUTANTS = (
         "noise-quartered", "fedlr.client.step_engines",
         '"noise_multiplier": plan.noise_multiplier,',
         '"noise_multiplier": plan.noise_multiplier / 4,',
-        ("tests/test_dp_training.py",),
+        ("tests/test_empirical_audit.py::test_an_audit_flags_a_trainer_that_adds_a_quarter_of_the"
+         "_noise_it_records",),
         "a quarter of the noise the ledger records"),
     Mutant(
         "first-k-examples", "fedlr.client.samplers",
@@ -55,9 +59,7 @@ MUTANTS = (
         "        yield from (list(range(len(b))) for b in UniformWithReplacementSampler(\n"
         "            num_samples=self.n, sample_rate=self.sample_rate, generator=self.generator,\n"
         "            steps=self.steps))",
-        ("tests/test_empirical_audit.py::test_canaries_are_drawn_by_the_trainers_sampler_at_its"
-         "_rate",
-         f"{NODE_PRIVACY}::test_every_example_joins_each_batch_independently_at_rate_q"),
+        (f"{NODE_PRIVACY}::test_every_example_joins_each_batch_independently_at_rate_q",),
         "Poisson batch sizes, but always the first k examples"),
     Mutant(
         "one-step-per-round", "fedlr.client.training",
@@ -79,6 +81,13 @@ MUTANTS = (
         (f"{CLIENT_DP}::test_one_client_release_is_its_clipped_delta_over_m",),
         "DP-FedAvg's release weighted by example count (leaks n_k, breaks the sensitivity)"),
     Mutant(
+        "client-dp-normalised-example-weights", "fedlr.privacy.client_level",
+        "            total[key].add_(t)\n",
+        "            total[key].add_(t, alpha=len(updates) * update.num_examples\n"
+        "                            / sum(u.num_examples for u in updates))\n",
+        (f"{CLIENT_DP}::test_the_release_is_the_same_whatever_the_clients_example_counts",),
+        "FedAvg's n_k / n weights (times the clients) inside DP-FedAvg's sum"),
+    Mutant(
         "client-dp-clips-at-2c", "fedlr.privacy.client_level",
         "client_delta(strategy, state, update, start), config.clip_norm, cid",
         "client_delta(strategy, state, update, start), 2 * config.clip_norm, cid",
@@ -93,6 +102,12 @@ MUTANTS += (
         'random.Random(f"{seed}:{round_}"))',
         (f"{CLIENT_DP}::test_the_secret_client_sample_is_never_replayed_from_the_seed_and_round",),
         "client-level DP's secret sample drawn from the published seed and the round"),
+    Mutant(
+        "coordinator-samples-from-the-seed", "fedlr.server.coordinator",
+        "seed=config.seed, private_sampling=dp and dp.sampling)",
+        "seed=config.seed, private_sampling=None)",
+        (f"{CLIENT_DP}::test_the_servers_own_draw_of_the_client_sample_is_never_replayed",),
+        "the coordinator calling the seeded sampler under client-level DP (run.json's seed)"),
     Mutant(
         "server-noise-from-run-seed", "fedlr.federation",
         "generator=private_generator())",
@@ -145,11 +160,45 @@ MUTANTS += (
 )
 MUTANTS += (
     Mutant(
+        "secagg-client-accepts-any-threshold", "fedlr.privacy.secagg.client",
+        "holders < 2 * threshold and threshold <= holders", "1 <= threshold <= holders",
+        ("tests/test_attack_replies.py::test_a_secagg_client_refuses_a_threshold_the_protocol"
+         "_does_not_hold_under",),
+        "a client that splits its secrets at whatever threshold the server sends (t = 1)"),
+    Mutant(
         "canaries-every-step", "fedlr.client.training",
         "                engine.step([i - n for i in indices if i >= n])\n",
         "                engine.step(list(range(canaries.count)) if canaries else [])\n",
         ("tests/test_empirical_audit.py::test_canaries_are_drawn_by_the_trainers_sampler_at_its"
          "_rate",),
         "an audit's canaries added to every step, outside the trainer's sampler"),
+)
+MUTANTS += (
+    Mutant(
+        "client-ids-in-metrics", "fedlr.server.coordinator",
+        '        record["aggregation_exact"] = result.exact\n',
+        '        record["aggregation_exact"] = result.exact\n        record["cohort"] = clients\n',
+        (f"{CLIENT_DP_RUN}::test_client_level_epsilon_is_dp_accountings_and_no_file_names_a"
+         "_client",),
+        "the secret client sample written to metrics.jsonl under a new key"),
+    Mutant(
+        "client-ids-in-adapter-metadata", "fedlr.server.coordinator",
+        "        self.run.save_global(round_, self.global_adapter(new_state))\n",
+        "        released = self.global_adapter(new_state)\n"
+        "        released.meta[\"contributors\"] = \",\".join(clients)\n"
+        "        self.run.save_global(round_, released)\n",
+        (f"{CLIENT_DP_RUN}::test_client_level_epsilon_is_dp_accountings_and_no_file_names_a"
+         "_client",),
+        "the secret client sample in the released adapter's safetensors metadata"),
+    Mutant(
+        "secagg-pairwise-seed-from-public-keys", "fedlr.privacy.secagg.crypto",
+        "    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose)"
+        ".derive(secret)\n",
+        "    if b\"masks\" in purpose:\n"
+        "        secret = b\"\".join(sorted([public_of(private), public]))\n"
+        "    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose)"
+        ".derive(secret)\n",
+        ("tests/test_secagg.py::test_pairwise_masks_need_a_private_key_the_server_never_holds",),
+        "pairwise mask seeds derived from the two public keys alone (the server has both)"),
 )
 BY_NAME = {m.name: m for m in MUTANTS}

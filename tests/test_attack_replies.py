@@ -264,6 +264,19 @@ def test_secure_aggregation_metrics_that_are_not_an_object_are_that_clients_reje
     assert record["secagg_threshold"] == 2
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_metric_that_is_not_a_finite_number_is_that_clients_rejection(base, tmp_path, value):
+    """metrics.jsonl holds JSON numbers only: a NaN train loss would make it unreadable."""
+    def non_finite(msg: Message, node: Node) -> RecordDict:
+        parts = parts_of(msg)
+        reply = node.reply(parts, metrics={"train_loss": value})
+        return records(reply.to_parts(train_a=TrainJob.from_parts(parts).job.train_a))
+
+    record = contained(run(federation(base, tmp_path), Node(int(ATTACKER), train=non_finite)),
+                       "is not a finite number")
+    assert math.isfinite(record["train_loss"])
+
+
 def test_a_float64_update_under_lora_fair_is_that_clients_rejection(base, tmp_path):
     def float64(msg: Message, node: Node) -> RecordDict:
         reply = node.reply(parts_of(msg))

@@ -148,6 +148,28 @@ def test_one_client_release_is_its_clipped_delta_over_m(seed, name, scale, clip_
     assert math.isclose(flat_norm(state_change(strategy, state, new)), expected, rel_tol=1e-7)
 
 
+@SETTINGS
+@given(seed=seeds, name=st.sampled_from(["fedit", "ffa"]), clip_norm=st.floats(1e-2, 10.0))
+def test_the_release_is_the_same_whatever_the_clients_example_counts(seed, name, clip_norm):
+    """Equal weights: two clients of 1 and 1000 examples release what they would with the
+    counts swapped or both 1, so no weighting (raw or normalised) reveals n_k or lets the
+    larger client move the release by more than S / m."""
+    strategy, state, gen = federation(name, seed, [4, 8])
+    sent = sent_adapters(strategy, state)
+    updates = [dataclasses.replace(u, start=sent[u.client_id])
+               for u in client_updates(strategy, state, gen)[:2]]
+    config = ClientDPConfig(noise_multiplier=0.0, clip_norm=clip_norm)
+    released = []
+    for counts in ((1, 1000), (1000, 1), (1, 1)):
+        weighted = [dataclasses.replace(u, num_examples=n)
+                    for u, n in zip(updates, counts, strict=True)]
+        new, _ = dp_fedavg(strategy, state, weighted, config, 2.0, torch.Generator())
+        released.append(new.to_tensors()[0])
+    for other in released[1:]:
+        for key, t in released[0].items():
+            torch.testing.assert_close(other[key], t, rtol=1e-6, atol=1e-9)
+
+
 # -- non-private limit ------------------------------------------------------------------------
 
 
@@ -415,11 +437,27 @@ def test_a_runs_client_level_epsilon_is_accounted_without_dp_accountings_chatter
 def test_the_secret_client_sample_is_never_replayed_from_the_seed_and_round(sampling):
     """The adversary knows the run's seed (run.json) and the round; twenty draws with the same
     (seed, round) must not all agree, as a sample derived from them would (here 10 of 100
-    clients: two honest draws agree with probability about 6e-14)."""
+    clients: two honest draws agree with probability 1 / C(100, 10) = 6e-14 fixed-size, 0.82^100 =
+    3e-9 Poisson)."""
     ids = [str(k) for k in range(100)]
     draws = {tuple(sample_clients(ids, 10, 3, seed=7, private_sampling=sampling))
              for _ in range(20)}
     assert len(draws) > 1
+
+
+def test_the_servers_own_draw_of_the_client_sample_is_never_replayed(tmp_path):
+    """The sampler the coordinator calls each round, for a run whose seed run.json publishes:
+    twenty draws of round 3 must not all agree (12 clients at q = 1/3: two honest Poisson draws
+    agree with probability (5/9)^12, under 1e-3)."""
+    from fedlr.server.coordinator import Coordinator
+    from fedlr.server.rundir import RunDir
+
+    config = SimulationConfig.load(None, dict(
+        strategy="ffa", model="tiny", num_clients=12, clients_per_round=4, ranks=[4],
+        eval_examples=16, client_noise_multiplier=1.0, client_clip_norm=0.5,
+        out=str(tmp_path / "r")))
+    coordinator = Coordinator(Federation.build(config), RunDir(tmp_path / "r"))
+    assert len({tuple(coordinator.sample(3)) for _ in range(20)}) > 1
 
 
 def test_the_servers_noise_is_never_replayed_from_the_run_seed(tmp_path):

@@ -304,9 +304,9 @@ def test_the_graph_is_regular_symmetric_and_connected():
 
 def test_fewer_shares_than_the_threshold_never_rebuild_a_clients_self_mask_seed():
     """The holders of client k's shares, colluding (the test opens every sealed share with the
-    holders' keys): any t of them rebuild k's self-mask seed b, and t - 1 never do, for every
-    client. A client that split b with a lower threshold than the round's would let fewer
-    holders (or the server with them) unmask its update."""
+    holders' keys): any t of them rebuild k's self-mask seed b and its mask key, and t - 1 never
+    do, for every client. A client that split b with a lower threshold than the round's would
+    let fewer holders (or the server with them) unmask its update."""
     strategy, state, updates = federation("fedit", 5, [4] * 6, "hetlora")
     at_share: dict[str, dict] = {}
 
@@ -323,23 +323,85 @@ def test_fewer_shares_than_the_threshold_never_rebuild_a_clients_self_mask_seed(
         mine = seen[k]
         peers, t, round_ = json.loads(mine["peers_keyed"]), mine["threshold"], mine["round"]
         sealed = crypto.unpack(seen["reply"]["shares"], peers, crypto.SEALED_BYTES)
-        shares = [bytes.fromhex(json.loads(mine["held"])[k][0])]
+        own = json.loads(mine["held"])[k]
+        b_shares, sk_shares = [bytes.fromhex(own[0])], [bytes.fromhex(own[1])]
         for h in peers:
             key = crypto.agree(mine["c_sk"], crypto.public_of(seen[h]["c_sk"]),
                                crypto.label("shares", round_))
-            shares.append(crypto.open_sealed(key, sealed[h], k, h, round_)[0])
-        assert 2 <= t <= len(shares)
-        assert crypto.combine(random.sample(shares, t)) == mine["b"]
-        with contextlib.suppress(ValueError):  # too few: a wrong value, or none at all
-            assert crypto.combine(random.sample(shares, t - 1)) != mine["b"], k
+            b_share, sk_share = crypto.open_sealed(key, sealed[h], k, h, round_)
+            b_shares.append(b_share)
+            sk_shares.append(sk_share)
+        assert 2 <= t <= len(b_shares)
+        for shares, secret in ((b_shares, mine["b"]), (sk_shares, mine["s_sk"])):
+            assert crypto.combine(random.sample(shares, t)) == secret
+            with contextlib.suppress(ValueError):  # too few: a wrong value, or none at all
+                assert crypto.combine(random.sample(shares, t - 1)) != secret, k
 
 
 def test_a_mask_stream_depends_on_every_byte_of_its_seed():
     """Masks are ChaCha20 keystreams of 256-bit seeds; a stream keyed by fewer bits (a
-    truncated seed) could be found by a server trying them all. Changing any one byte of the
-    seed changes the stream."""
+    truncated seed) could be found by a server trying them all. The stream is ChaCha20's keyed
+    by the seed itself (the RFC's test vector), and changing any one byte of the seed changes
+    it."""
+    # RFC 7539, A.1, test vector 1: the ChaCha20 block of the all-zero key, nonce and counter
+    assert crypto.expand(bytes(32), 16, np.uint32).tobytes().hex() == (
+        "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
+        "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586")
     seed = crypto.fresh_seed()
     stream = crypto.expand(seed, 64, np.uint64)
     for i in range(len(seed)):
         changed = seed[:i] + bytes([seed[i] ^ 0x01]) + seed[i + 1:]
         assert not np.array_equal(crypto.expand(changed, 64, np.uint64), stream), i
+
+
+def test_pairwise_masks_need_a_private_key_the_server_never_holds():
+    """Each client's masked part is its part + PRG(b) +- PRG(s_uv) with s_uv keyed by the X25519
+    secret of its own mask key and the neighbour's public key (checked here against
+    `cryptography`'s X25519 and HKDF, the test holding the private keys as a referee would). The
+    server holds the public keys and, after unmasking, every survivor's b: masks it builds from
+    those alone (the keys hashed together with the round's label, either order) leave a stripped
+    update uniform. A pairwise seed derived from public keys alone would let it unmask anyone."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from fedlr.client_ids import client_order
+
+    strategy, state, updates = federation("fedit", 6, [4] * 6, "hetlora")
+    at_mask: dict[str, dict] = {}
+
+    def capture(stage, client, reply):
+        if stage == "mask":
+            at_mask[client] = dict(clients.kept[client])
+        return reply
+
+    plan, by_id, starts = round_inputs(strategy, state, updates)
+    clients = InProcessClients(by_id, starts, capture)
+    secure_round(strategy, state, plan, clients,
+                 SecAggSettings(value_range=1.5 * widest(updates), neighbours=2))
+    masked = {c: r["masked"] for s, c, r in clients.received if s == "mask"}
+    public = {c: r["s_pk"] for s, c, r in clients.received if s == "train"}
+
+    def hkdf(secret: bytes, round_: int) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=crypto.label("masks", round_)).derive(secret)
+
+    for u, kept in at_mask.items():
+        part, peers = clients.parts[u], json.loads(kept["peers"])
+        words = np.frombuffer(masked[u], part.dtype)
+        mine = X25519PrivateKey.from_private_bytes(kept["s_sk"])
+        expected = part + crypto.expand(kept["b"], part.size, part.dtype)
+        for v in peers:
+            secret = mine.exchange(X25519PublicKey.from_public_bytes(public[v]))
+            pairwise = crypto.expand(hkdf(secret, kept["round"]), part.size, part.dtype)
+            expected = expected + pairwise if client_order(u) < client_order(v) else \
+                expected - pairwise
+        assert np.array_equal(words, expected), u
+        for order in (sorted, lambda pair: pair):  # the server's best guesses at s_uv
+            guessed = words - crypto.expand(kept["b"], part.size, part.dtype)  # b: revealed
+            for v in peers:
+                seed = hkdf(b"".join(order([public[u], public[v]])), kept["round"])
+                pairwise = crypto.expand(seed, part.size, part.dtype)
+                guessed = guessed - pairwise if client_order(u) < client_order(v) else \
+                    guessed + pairwise
+            assert np.count_nonzero(guessed == part) < 0.01 * part.size, u
