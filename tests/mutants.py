@@ -172,6 +172,14 @@ MUTANTS += (
         ("tests/test_empirical_audit.py::test_canaries_are_drawn_by_the_trainers_sampler_at_its"
          "_rate",),
         "an audit's canaries added to every step, outside the trainer's sampler"),
+    Mutant(
+        "canaries-own-bernoulli", "fedlr.client.training",
+        "                engine.step([i - n for i in indices if i >= n])\n",
+        "                engine.step(torch.nonzero(torch.rand(canaries.count) < plan.sample_rate)"
+        ".flatten().tolist() if canaries else [])\n",
+        ("tests/test_empirical_audit.py::test_canaries_are_drawn_by_the_trainers_sampler_at_its"
+         "_rate",),
+        "canaries drawn at the right rate by a sampler of their own, not the trainer's batches"),
 )
 MUTANTS += (
     Mutant(

@@ -108,7 +108,29 @@ def test_an_audit_flags_a_trainer_that_adds_a_quarter_of_the_noise_it_records(mo
     assert any(f.startswith("empirical (sample level): the canaries certify") for f in flags)
 
 
-def test_canaries_are_drawn_by_the_trainers_sampler_at_its_rate():
+class Recorded:
+    """A sampler that keeps every batch it hands out (test only)."""
+
+    def __init__(self, inner, batches: list[list[int]]) -> None:
+        self.inner, self.batches = inner, batches
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.batches.append(list(batch))
+            yield batch
+
+
+def test_canaries_are_drawn_by_the_trainers_sampler_at_its_rate(monkeypatch):
+    """Each included canary is scored exactly as often as the trainer's own batches held its
+    index (canaries drawn by a sampler of their own, even at the same rate, are not what the
+    accountant counts), and that is at the ledger's q."""
+    batches: list[list[int]] = []
+    sampler = LocalTrainer.batches
+    monkeypatch.setattr(LocalTrainer, "batches", lambda self, n, plan, gen: Recorded(
+        sampler(self, n, plan, gen), batches))
     config = SimulationConfig.load(None, {**AUDITED, "rounds": 1, "local_steps": 30})
     spec = config.model_spec(data_source(config.dataset, config.task).num_labels)
     host = model_session(spec, config.alpha, "cpu").host
@@ -121,6 +143,13 @@ def test_canaries_are_drawn_by_the_trainers_sampler_at_its_rate():
                   dp_seed=4)
     (_, q, steps), = ledger.history
     assert q == pytest.approx(config.batch_size / (len(shard) + 500))  # canaries count in n
+    drawn = torch.zeros(500, dtype=torch.long)
+    for batch in batches:
+        for i in batch:
+            if i >= len(shard):
+                drawn[i - len(shard)] += 1
+    assert len(batches) == steps
+    assert torch.equal(planted.sampled, drawn * planted.included)
     trials = int(planted.included.sum()) * steps
     rate = int(planted.sampled.sum()) / trials
     assert abs(rate - q) < 4 * math.sqrt(q * (1 - q) / trials)
