@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError, safe_open
 
 ID_KEYS = {"clients", "accepted", "client", "client_rounds", "ledgers", "client_id"}
 # "client 2", "node-2", "partition_id=2", "client_ids=[2", "clients 0,2", "nodes: 1" in any
 # text or binary file
 NAMED = re.compile(rb"(?i)(?:client|node|partition)s?(?:[ _#:=/\"'\[\],-]|_?ids?)*(\d+)\b")
-NOT_IDS = {"ranks", "shape", "data_offsets"}  # integer lists that are sizes, not clients
+NOT_IDS = {"ranks"}  # integer lists that are sizes, not clients
 ID_LIST = re.compile(r"\s*\d+(?:\s*[,;|/ ]\s*\d+)*\s*")  # "0,2,3": ids joined in a string
 POPULATION = ("data",)  # the population's shards: who exists, not who took part
 
@@ -40,7 +41,7 @@ def client_ids_in(run: Path) -> list[str]:
             found.append(f"{where}: its name")
         try:
             structured = documents(path)
-        except (ValueError, struct.error):  # not what its name says: read as bytes
+        except (ValueError, SafetensorError):  # not what its name says: read as bytes
             structured = None
         for document in structured or []:
             if path.name == "run.json":
@@ -54,18 +55,18 @@ def client_ids_in(run: Path) -> list[str]:
 
 
 def documents(path: Path) -> list[Any] | None:
-    """The structured content of a JSON, JSON lines or safetensors file (its header, with the
-    metadata's JSON values parsed); None for other files."""
+    """The structured content of a JSON, JSON lines or safetensors file (its tensor names and
+    its metadata, JSON values parsed); None for other files."""
     if path.suffix == ".json":
         return [json.loads(path.read_text())]
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".safetensors":
-        with path.open("rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        metadata = header.get("__metadata__") or {}
-        header["__metadata__"] = {k: parsed(v) for k, v in metadata.items()}
-        return [header]
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            names = list(fh.keys())
+        return [{"tensors": dict.fromkeys(names),
+                 "__metadata__": {k: parsed(v) for k, v in metadata.items()}}]
     return None
 
 
