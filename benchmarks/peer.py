@@ -15,9 +15,9 @@ supernode per client and one CPU per client, each timed from outside as a fresh 
 Each side runs `--repeats` times (3), interleaved: repeat k runs the sides in an order rotated by
 k, so a slow spell of the machine falls on different sides. Reports per side and DP mode the
 median and range of the wall time and of the seconds per client-round (the whole job over
-clients x rounds); the ratio peer / side of each repeat (its runs ran next to each other), its
-median and range: against fedlr in fp32 at equal precision, and default against default; and, from
-the median run, where the time goes: fedlr's metrics.jsonl fields
+clients x rounds); the ratio peer / side of each repeat (its runs ran within one pass over the
+sides), its median and range: against fedlr in fp32 at equal precision, and default against
+default; and, from the median run, where the time goes: fedlr's metrics.jsonl fields
 (the server's parts of each round, the clients' own times summed over clients), the time outside
 the rounds and its phases from fedlr's timeline.json (`phase ...`; they overlap, see
 fedlr.server.timeline), and the peer's client times, each summed over the rounds, per
@@ -209,8 +209,8 @@ def spread(values: list[float]) -> dict:
 
 def summarise(repeats: dict[str, list[dict]]) -> dict:
     """Each side as its median run (by wall time; its breakdown is that run's), with the wall
-    times of all its runs; each ratio peer / side per repeat (the runs of one repeat ran next to
-    each other), with its median and range: against `fedlr_fp32` at equal precision (both
+    times of all its runs; each ratio peer / side per repeat (the runs of one repeat ran in one
+    pass over the sides), with its median and range: against `fedlr_fp32` at equal precision (both
     fp32), against `fedlr` default against default, both client by client."""
     sides = {}
     for side, done in repeats.items():
@@ -265,15 +265,19 @@ def markdown_table(result: dict) -> str:
     each the median (range) of the repeats, then the median runs' accuracy and epsilon
     (`tests/test_benchmark_pages.py` holds the README to them)."""
     names = {"dp": "DP-SGD", "no_dp": "no DP"}
-    lines = ["| | " + " | ".join(LABELS[side] for side in SIDES) + " |",
-             "|---|" + "---|" * len(SIDES)]
+
+    def header(title: str) -> list[str]:
+        first = f"| {title}" if title else "|"
+        return [" | ".join([first, *(LABELS[side] for side in SIDES)]) + " |",
+                "|---|" + "---|" * len(SIDES)]
+
+    lines = header("")
     for mode, run in result["runs"].items():
         cells = [ranged(run["peer"]["seconds_per_client_round"])]
         cells += [f"{ranged(run[side]['seconds_per_client_round'])}, "
                   f"{ranged(run['ratio_peer_to'][side])}x" for side in SIDES if side != "peer"]
         lines.append(f"| {names[mode]} | " + " | ".join(cells) + " |")
-    lines += ["", "| held-out accuracy after the last round, and ε reported (median run) | "
-              + " | ".join(LABELS[side] for side in SIDES) + " |", "|---|" + "---|" * len(SIDES)]
+    lines += ["", *header("held-out accuracy after the last round, and ε reported (median run)")]
     for mode, run in result["runs"].items():
         cells = [f"{run[side]['eval_accuracy']:.4f}" + (
             "" if run[side]["epsilon_max"] is None else f", ε {run[side]['epsilon_max']:.2f}")
@@ -335,10 +339,10 @@ def main() -> None:
             repeats: dict[str, list[dict]] = {side: [] for side in SIDES}
             for k in range(args.repeats):  # interleaved, each repeat in a rotated order
                 order = list(SIDES)[k % len(SIDES):] + list(SIDES)[:k % len(SIDES)]
+                folder = Path(tmp) / f"repeat-{k}"
+                folder.mkdir(exist_ok=True)
                 for side in order:
                     how = SIDES[side]
-                    folder = Path(tmp) / f"repeat-{k}"
-                    folder.mkdir(exist_ok=True)
                     repeats[side].append(
                         run_fedlr(args.clients, args.rounds, with_dp, env, folder, *how)
                         if how else run_peer(args.clients, args.rounds, with_dp, env))
