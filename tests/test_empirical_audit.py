@@ -74,6 +74,15 @@ def test_a_broken_sampler_shows_in_the_audit_and_the_real_one_does_not(monkeypat
     assert broken["epsilon_lower_bound"] > 2 * broken["epsilon_claimed"]
 
 
+def empty_run(root) -> None:
+    """A run directory with no client in it, that `write_audit` can report an empirical audit
+    for."""
+    (root / "privacy.json").write_text(json.dumps({
+        "delta": 1e-5, "accountant": "prv", "privacy_unit": "one example", "sampling": "Poisson",
+        "budget": None, "max_epsilon": 0.0, "clients": {}}))
+    (root / "metrics.jsonl").write_text('{"round": 1}\n')
+
+
 # sigma 3 over 2 x 50 steps at q = 64 / 1064 = 0.06 with 5,000 canaries: accounted at 0.81
 # (delta 1e-5). With a quarter of that noise each included canary's score stands
 # q sqrt(T) / (sigma / 4) = 0.8 noise deviations out, and the one-run bound came out between 1.15
@@ -100,10 +109,7 @@ def test_an_audit_flags_a_trainer_that_adds_a_quarter_of_the_noise_it_records(mo
     weak = sample_level_audit(config, 5000, seed=3)
     assert weak["epsilon_claimed"] == pytest.approx(honest["epsilon_claimed"])
     assert weak["epsilon_lower_bound"] > 1.1 * weak["epsilon_claimed"]
-    (tmp_path / "privacy.json").write_text(json.dumps({
-        "delta": 1e-5, "accountant": "prv", "privacy_unit": "one example", "sampling": "Poisson",
-        "budget": None, "max_epsilon": 0.0, "clients": {}}))
-    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    empty_run(tmp_path)
     flags = write_audit(tmp_path, {"sample_level": weak})["flags"]
     assert any(f.startswith("empirical (sample level): the canaries certify") for f in flags)
 
@@ -190,10 +196,7 @@ def test_without_noise_each_canary_scores_c_per_draw_and_excluded_ones_zero():
 
 
 def test_the_report_states_the_empirical_bound_next_to_the_claim(audits, tmp_path):
-    (tmp_path / "privacy.json").write_text(json.dumps({
-        "delta": 1e-5, "accountant": "prv", "privacy_unit": "one example", "sampling": "Poisson",
-        "budget": None, "max_epsilon": 0.0, "clients": {}}))
-    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    empty_run(tmp_path)
     report = write_audit(tmp_path, {"sample_level": audits["noise off"]})
     saved = json.loads((tmp_path / "audit.json").read_text())["empirical"]
     assert {"epsilon_lower_bound", "canaries", "ceiling"} <= saved.keys()
