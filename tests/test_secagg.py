@@ -302,31 +302,39 @@ def test_the_graph_is_regular_symmetric_and_connected():
     assert threshold(5, 0.5) == 3 and threshold(21, 0.5) == 11 and threshold(2, 0.5) == 2
 
 
-def test_fewer_shares_than_the_threshold_never_rebuild_a_clients_self_mask_seed():
-    """The holders of client k's shares, colluding (the test opens every sealed share with the
-    holders' keys): any t of them rebuild k's self-mask seed b and its mask key, and t - 1 never
-    do, for every client. A client that split b with a lower threshold than the round's would
-    let fewer holders (or the server with them) unmask its update."""
-    strategy, state, updates = federation("fedit", 5, [4] * 6, "hetlora")
-    at_share: dict[str, dict] = {}
+def kept_after(stage: str, fed, neighbours: int) -> tuple[dict[str, dict], InProcessClients]:
+    """One honest secure round of `fed` (strategy, state, updates): what each client kept right
+    after its `stage` reply (its secrets, as a referee test sees them), and the clients, whose
+    `received` is what the server got."""
+    strategy, state, updates = fed
+    kept: dict[str, dict] = {}
 
-    def capture(stage, client, reply):
-        if stage == "share":
-            at_share[client] = {"reply": reply, **{c: dict(k) for c, k in clients.kept.items()}}
+    def capture(at, client, reply):
+        if at == stage:
+            kept[client] = dict(clients.kept[client])
         return reply
 
     plan, by_id, starts = round_inputs(strategy, state, updates)
     clients = InProcessClients(by_id, starts, capture)
     secure_round(strategy, state, plan, clients,
-                 SecAggSettings(value_range=1.5 * widest(updates), neighbours=4))
-    for k, seen in at_share.items():
-        mine = seen[k]
+                 SecAggSettings(value_range=1.5 * widest(updates), neighbours=neighbours))
+    return kept, clients
+
+
+def test_fewer_shares_than_the_threshold_never_rebuild_a_clients_self_mask_seed():
+    """The holders of client k's shares, colluding (the test opens every sealed share with the
+    holders' keys): any t of them rebuild k's self-mask seed b and its mask key, and t - 1 never
+    do, for every client. A client that split b with a lower threshold than the round's would
+    let fewer holders (or the server with them) unmask its update."""
+    at_share, clients = kept_after("share", federation("fedit", 5, [4] * 6, "hetlora"), 4)
+    replies = {c: r for s, c, r in clients.received if s == "share"}
+    for k, mine in at_share.items():
         peers, t, round_ = json.loads(mine["peers_keyed"]), mine["threshold"], mine["round"]
-        sealed = crypto.unpack(seen["reply"]["shares"], peers, crypto.SEALED_BYTES)
+        sealed = crypto.unpack(replies[k]["shares"], peers, crypto.SEALED_BYTES)
         own = json.loads(mine["held"])[k]
         b_shares, sk_shares = [bytes.fromhex(own[0])], [bytes.fromhex(own[1])]
         for h in peers:
-            key = crypto.agree(mine["c_sk"], crypto.public_of(seen[h]["c_sk"]),
+            key = crypto.agree(mine["c_sk"], crypto.public_of(at_share[h]["c_sk"]),
                                crypto.label("shares", round_))
             b_share, sk_share = crypto.open_sealed(key, sealed[h], k, h, round_)
             b_shares.append(b_share)
@@ -367,18 +375,7 @@ def test_pairwise_masks_need_a_private_key_the_server_never_holds():
 
     from fedlr.client_ids import client_order
 
-    strategy, state, updates = federation("fedit", 6, [4] * 6, "hetlora")
-    at_mask: dict[str, dict] = {}
-
-    def capture(stage, client, reply):
-        if stage == "mask":
-            at_mask[client] = dict(clients.kept[client])
-        return reply
-
-    plan, by_id, starts = round_inputs(strategy, state, updates)
-    clients = InProcessClients(by_id, starts, capture)
-    secure_round(strategy, state, plan, clients,
-                 SecAggSettings(value_range=1.5 * widest(updates), neighbours=2))
+    at_mask, clients = kept_after("mask", federation("fedit", 6, [4] * 6, "hetlora"), 2)
     masked = {c: r["masked"] for s, c, r in clients.received if s == "mask"}
     public = {c: r["s_pk"] for s, c, r in clients.received if s == "train"}
 
